@@ -1,0 +1,21 @@
+"""gba_tf: Global Batch gradients Aggregation for TensorFlow (arXiv 2205.11048).
+
+Importing the package sets `TF_USE_LEGACY_KERAS=1` before TensorFlow is first
+imported, because tensorflow-recommenders (and `tf.keras` in these docs) need
+tf_keras rather than Keras 3. Import `gba_tf` before `tensorflow`.
+"""
+
+import os as _os
+
+_os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf import cluster
+from gba_tf import staleness
+from gba_tf.config import GBAConfig
+from gba_tf.staleness import StalenessPolicy
+from gba_tf.strategy import GBAStrategy
+
+__all__ = ["GBAConfig", "GBAStrategy", "StalenessPolicy", "cluster",
+           "staleness"]
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""Local clusters on loopback ports, for tests and demos.
+
+Two shapes, both cleaned up on exit:
+
+* `InProcessCluster`: worker and PS servers inside the calling process (fast;
+  used by the unit tests).
+* `LocalCluster`: one OS process per worker / PS task, each with its own
+  TF_CONFIG, as a real job would run (used by the cluster tests, the demo
+  and the benchmarks).
+
+Example:
+
+```python
+with gba_tf.cluster.LocalCluster(num_workers=2, num_ps=1) as cluster:
+  strategy = gba_tf.GBAStrategy(cluster.resolver(), config)
+  ...
+```
+"""
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+# Servers only listen on loopback: these clusters are for one machine.
+_HOST = "localhost"
+# How long a child task may take to start its server before we give up.
+_STARTUP_TIMEOUT_S = 60.0
+# Grace period between SIGTERM and SIGKILL when tearing a cluster down.
+_TERMINATE_GRACE_S = 5.0
+
+
+def pick_unused_ports(count: int) -> List[int]:
+  """Ports that were free a moment ago (bound to port 0, then released)."""
+  sockets, ports = [], []
+  try:
+    for _ in range(count):
+      s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+      s.bind(("127.0.0.1", 0))
+      sockets.append(s)
+      ports.append(s.getsockname()[1])
+  finally:
+    for s in sockets:
+      s.close()
+  return ports
+
+
+def make_cluster_spec(num_workers: int, num_ps: int,
+                      num_chief: int = 0) -> Dict[str, List[str]]:
+  if num_workers < 1:
+    raise ValueError(f"Received: num_workers={num_workers}, which must be "
+                     ">= 1.")
+  if num_ps < 0:
+    raise ValueError(f"Received: num_ps={num_ps}, which must be >= 0.")
+  ports = iter(pick_unused_ports(num_workers + num_ps + num_chief))
+  spec = {}
+  for job, count in (("chief", num_chief), ("worker", num_workers),
+                     ("ps", num_ps)):
+    if count:
+      spec[job] = [f"{_HOST}:{next(ports)}" for _ in range(count)]
+  return spec
+
+
+def _resolver(spec: Dict[str, List[str]], task_type=None, task_id=None):
+  return tf.distribute.cluster_resolver.SimpleClusterResolver(
+      tf.train.ClusterSpec(spec), task_type=task_type, task_id=task_id,
+      rpc_layer="grpc")
+
+
+class InProcessCluster:
+  """Worker and PS servers in this process; the caller is the coordinator.
+
+  Servers cannot be stopped in TF 2.21 (`Server.stop` is unimplemented for
+  gRPC); they live until the process exits, so build one per test class.
+  """
+
+  def __init__(self, num_workers: int = 2, num_ps: int = 1):
+    self.spec = make_cluster_spec(num_workers, num_ps)
+    # A worker server on a 2-core machine needs more inter-op threads than
+    # concurrent closures, else `model.fit` hangs (DESIGN.md section 4).
+    worker_config = tf.compat.v1.ConfigProto()
+    worker_config.inter_op_parallelism_threads = num_workers + 1
+    self.servers = []
+    for job in ("worker", "ps"):
+      for index in range(len(self.spec.get(job, []))):
+        self.servers.append(tf.distribute.Server(
+            tf.train.ClusterSpec(self.spec), job_name=job, task_index=index,
+            protocol="grpc", config=worker_config, start=True))
+
+  def resolver(self):
+    return _resolver(self.spec)
+
+
+def _child_command(task_type: str, task_index: int) -> List[str]:
+  return [sys.executable, "-m", "gba_tf.cluster", task_type, str(task_index)]
+
+
+class LocalCluster:
+  """One process per worker / PS task on loopback; the caller coordinates.
+
+  Use as a context manager, or call `stop()`; children are also killed at
+  interpreter exit.
+
+  Args:
+    num_workers: worker tasks.
+    num_ps: parameter server tasks.
+    env: extra environment variables for the children.
+    log_dir: where each task writes `<type>-<index>.log`; None discards.
+  """
+
+  def __init__(self, num_workers: int = 2, num_ps: int = 1,
+               env: Optional[Dict[str, str]] = None,
+               log_dir: Optional[str] = None):
+    self.spec = make_cluster_spec(num_workers, num_ps, num_chief=1)
+    self._env = dict(env or {})
+    self._log_dir = log_dir
+    self.processes: Dict[str, subprocess.Popen] = {}
+    self._logs = []
+    atexit.register(self.stop)
+    try:
+      for job in ("ps", "worker"):
+        for index in range(len(self.spec[job])):
+          self.start_task(job, index)
+      self._wait_until_listening()
+    except BaseException:
+      self.stop()
+      raise
+
+  def tf_config(self, task_type: str, task_index: int) -> str:
+    return json.dumps({"cluster": self.spec,
+                       "task": {"type": task_type, "index": task_index}})
+
+  def start_task(self, task_type: str, task_index: int) -> subprocess.Popen:
+    """(Re)starts one task's server process."""
+    env = dict(os.environ)
+    env.update(self._env)
+    env["TF_CONFIG"] = self.tf_config(task_type, task_index)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if self._log_dir:
+      os.makedirs(self._log_dir, exist_ok=True)
+      out = open(os.path.join(self._log_dir,
+                              f"{task_type}-{task_index}.log"), "ab")
+      self._logs.append(out)
+    else:
+      out = subprocess.DEVNULL
+    proc = subprocess.Popen(_child_command(task_type, task_index), env=env,
+                            stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    self.processes[f"{task_type}:{task_index}"] = proc
+    return proc
+
+  def kill_task(self, task_type: str, task_index: int,
+                sig: int = signal.SIGKILL) -> None:
+    proc = self.processes[f"{task_type}:{task_index}"]
+    if proc.poll() is None:
+      proc.send_signal(sig)
+      proc.wait()
+
+  def _wait_until_listening(self) -> None:
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+    for job in ("ps", "worker"):
+      for index, address in enumerate(self.spec[job]):
+        port = int(address.rsplit(":", 1)[1])
+        while True:
+          proc = self.processes[f"{job}:{index}"]
+          if proc.poll() is not None:
+            raise RuntimeError(f"Task {job}:{index} exited with code "
+                               f"{proc.returncode} before listening.")
+          with contextlib.closing(socket.socket()) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+              break
+          if time.monotonic() > deadline:
+            raise TimeoutError(f"Task {job}:{index} did not listen on port "
+                               f"{port} within {_STARTUP_TIMEOUT_S}s.")
+          time.sleep(0.1)
+
+  def resolver(self):
+    """Resolver for the chief (this process)."""
+    return _resolver(self.spec, task_type="chief", task_id=0)
+
+  def stop(self) -> None:
+    for proc in self.processes.values():
+      if proc.poll() is None:
+        proc.terminate()
+    deadline = time.monotonic() + _TERMINATE_GRACE_S
+    for proc in self.processes.values():
+      try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for f in self._logs:
+      f.close()
+    self._logs = []
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.stop()
+
+
+def run_server(task_type: str, task_index: int) -> None:
+  """Body of a worker / PS process: serve until killed."""
+  resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  server = tf.distribute.Server(resolver.cluster_spec(), job_name=task_type,
+                                task_index=task_index, protocol="grpc",
+                                start=True)
+  server.join()
+
+
+if __name__ == "__main__":
+  run_server(sys.argv[1], int(sys.argv[2]))

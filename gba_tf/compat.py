@@ -1,0 +1,79 @@
+"""Every use of TensorFlow- and tf_keras-private APIs, in one place.
+
+GBA hooks into parts of TF 2.21 that have no public API: the parameter
+server strategy's Extended class, the replica context's merge call, and the
+tf_keras optimizer's gradient-apply function. Keeping them here means a TF
+upgrade breaks one module, and `tests/compat_test.py` says which hook moved.
+"""
+
+from typing import Any, Optional
+
+# pylint: disable=g-direct-tensorflow-import,unused-import
+from tensorflow.python.distribute import distribute_lib
+from tensorflow.python.distribute import parameter_server_strategy_v2
+from tensorflow.python.data.experimental.ops import testing as _data_testing
+from tensorflow.python.framework import ops
+# pylint: enable=g-direct-tensorflow-import,unused-import
+
+ReplicaContext = distribute_lib.ReplicaContext
+ParameterServerStrategyV2 = parameter_server_strategy_v2.ParameterServerStrategyV2
+ParameterServerStrategyV2Extended = (
+    parameter_server_strategy_v2.ParameterServerStrategyV2Extended)
+
+# Names of the functions tf_keras optimizers hand to `merge_call`: the new
+# optimizer (`tf_keras.optimizers.Optimizer`) and the legacy `optimizer_v2`.
+_APPLY_GRADIENTS_MERGE_FNS = ("_distributed_apply_gradients_fn",
+                              "_distributed_apply")
+# tf_keras' decoupled weight decay (AdamW, `weight_decay=`) merge function.
+_WEIGHT_DECAY_MERGE_FN = "distributed_apply_weight_decay"
+
+
+def optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
+  """The optimizer whose gradient-apply function `merge_fn` is, else None.
+
+  tf_keras optimizers apply gradients by passing a bound method to
+  `ReplicaContext.merge_call`; that call is where GBA takes over.
+  """
+  if getattr(merge_fn, "__name__", None) not in _APPLY_GRADIENTS_MERGE_FNS:
+    return None
+  optimizer = getattr(merge_fn, "__self__", None)
+  if optimizer is None or not hasattr(optimizer, "iterations"):
+    return None
+  return optimizer
+
+
+def is_weight_decay_merge_fn(merge_fn: Any) -> bool:
+  return getattr(merge_fn, "__name__", None) == _WEIGHT_DECAY_MERGE_FN
+
+
+def refresh_learning_rate(optimizer: Any) -> None:
+  """Re-evaluates a LearningRateSchedule at the optimizer's current step.
+
+  The new tf_keras optimizer evaluates its schedule once at the start of
+  `apply_gradients`, i.e. when the *local* step starts; GBA applies later, at
+  the global step, so the schedule has to be evaluated again there.
+  """
+  compute = getattr(optimizer, "_compute_current_learning_rate", None)
+  if compute is not None:
+    compute()
+
+
+def data_sleep(sleep_microseconds):
+  """`tf.data.experimental.sleep`, which TF 2.21 does not export."""
+  return _data_testing.sleep(sleep_microseconds)
+
+
+def replace_extended(strategy: Any, extended: Any) -> None:
+  """Swaps the Extended object of an initialised strategy.
+
+  `ParameterServerStrategyV2.__init__` hard-codes its Extended class and also
+  connects to the cluster; running it and then swapping keeps that logic in
+  one place (TF's) instead of copying it.
+  """
+  extended._retrace_functions_for_each_device = (  # pylint: disable=protected-access
+      strategy.extended._retrace_functions_for_each_device)  # pylint: disable=protected-access
+  strategy._extended = extended  # pylint: disable=protected-access
+
+
+def inside_function() -> bool:
+  return ops.inside_function()

@@ -1,0 +1,170 @@
+"""`GBAConfig`: the few numbers that define GBA training, validated early.
+
+Example:
+
+>>> config = GBAConfig(global_batch_size=512, local_batch_size=128)
+>>> config.num_aggregate
+4
+>>> GBAConfig.preset("async", local_batch_size=128).num_aggregate
+1
+"""
+
+import dataclasses
+import json
+from typing import Any, Dict, Optional
+
+from gba_tf import staleness
+
+PRESETS = ("gba", "async", "sync_ps", "backup_workers", "bounded_staleness")
+
+# Provisional GBA defaults. With M = number of workers (the usual sync global
+# batch), healthy workers deliver gradients with tau in {0, 1}; threshold 2
+# leaves them untouched and decays only the gradients of a worker that is
+# several global steps behind (a 1/4-speed straggler among 4 sees tau ~ 3-4).
+# Gradients more than 16 global steps old are dropped: they were computed on
+# parameters that 16 optimizer steps have since moved. The benchmark ablation
+# (`scripts/benchmark.py --ablation`) is where these numbers are re-chosen.
+_DEFAULT_THRESHOLD = 2
+_DEFAULT_DECAY = "exponential"
+_DEFAULT_DECAY_RATE = 0.5
+_DEFAULT_MAX_STALENESS = 16
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"Received: {name}={value!r}, which must be an integer "
+                     "> 0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class GBAConfig:
+  """Configuration of Global Batch gradients Aggregation.
+
+  Attributes:
+    global_batch_size: samples per optimizer step; the synchronous global
+      batch `B_g` whose hyper-parameters GBA keeps.
+    local_batch_size: samples per worker step `B_l`. The parameter server
+      aggregates `M = global_batch_size / local_batch_size` local gradients
+      per optimizer step (paper Sec. 3.1).
+    staleness_threshold: gradients at most this many global steps stale
+      count with weight 1 (paper Sec. 3.2).
+    decay: shape of the weight beyond the threshold: "none", "exponential"
+      or "inverse" (see `gba_tf.staleness.DECAYS`).
+    decay_rate: parameter of that shape.
+    max_staleness: gradients staler than this are dropped and counted;
+      `None` never drops.
+    name: the preset this config came from, for logs.
+  """
+
+  global_batch_size: int = 512
+  local_batch_size: int = 128
+  staleness_threshold: int = _DEFAULT_THRESHOLD
+  decay: str = _DEFAULT_DECAY
+  decay_rate: float = _DEFAULT_DECAY_RATE
+  max_staleness: Optional[int] = _DEFAULT_MAX_STALENESS
+  name: str = "gba"
+
+  def __post_init__(self):
+    _check_positive_int("global_batch_size", self.global_batch_size)
+    _check_positive_int("local_batch_size", self.local_batch_size)
+    if self.global_batch_size % self.local_batch_size:
+      raise ValueError(
+          f"Received: global_batch_size={self.global_batch_size}, which is "
+          f"not a multiple of local_batch_size={self.local_batch_size}.")
+    if self.name not in PRESETS:
+      raise ValueError(
+          f"Received: name={self.name!r}, which is not one of {PRESETS}.")
+    # Validates threshold, decay, decay_rate and max_staleness.
+    self.policy  # pylint: disable=pointless-statement
+
+  @property
+  def num_aggregate(self) -> int:
+    """M: local gradients aggregated into one optimizer step."""
+    return self.global_batch_size // self.local_batch_size
+
+  @property
+  def policy(self) -> staleness.StalenessPolicy:
+    return staleness.StalenessPolicy(
+        threshold=self.staleness_threshold,
+        decay=self.decay,
+        decay_rate=self.decay_rate,
+        max_staleness=self.max_staleness)
+
+  @classmethod
+  def preset(cls,
+             name: str,
+             *,
+             local_batch_size: int,
+             global_batch_size: Optional[int] = None,
+             num_workers: Optional[int] = None,
+             backup_workers: int = 1,
+             max_staleness: int = 4) -> "GBAConfig":
+    """Builds a named configuration.
+
+    Args:
+      name: one of `PRESETS`:
+        * "gba": aggregate `global_batch_size / local_batch_size` gradients
+          with the default decay.
+        * "async": M=1, no decay, nothing dropped: plain asynchronous PS
+          training.
+        * "sync_ps": M = num_workers, gradients with tau > 0 dropped:
+          synchronous training over the parameter server.
+        * "backup_workers": M = num_workers - backup_workers, tau > 0
+          dropped: TF1 `SyncReplicasOptimizer` with backup workers.
+        * "bounded_staleness": M=1, no decay, tau > max_staleness dropped
+          (SSP-style bounded staleness).
+      local_batch_size: samples per worker step.
+      global_batch_size: required by "gba".
+      num_workers: required by "sync_ps" and "backup_workers".
+      backup_workers: for "backup_workers".
+      max_staleness: for "bounded_staleness".
+
+    Returns:
+      A validated `GBAConfig`.
+    """
+    if name not in PRESETS:
+      raise ValueError(
+          f"Received: preset={name!r}, which is not one of {PRESETS}.")
+    _check_positive_int("local_batch_size", local_batch_size)
+    if name == "gba":
+      if global_batch_size is None:
+        raise ValueError("Received: global_batch_size=None; the 'gba' preset "
+                         "needs the synchronous global batch size.")
+      return cls(global_batch_size=global_batch_size,
+                 local_batch_size=local_batch_size)
+    no_decay = dict(staleness_threshold=0, decay="none", name=name)
+    if name == "async":
+      return cls(global_batch_size=local_batch_size,
+                 local_batch_size=local_batch_size, max_staleness=None,
+                 **no_decay)
+    if name == "bounded_staleness":
+      return cls(global_batch_size=local_batch_size,
+                 local_batch_size=local_batch_size,
+                 max_staleness=max_staleness, **no_decay)
+    if num_workers is None:
+      raise ValueError(f"Received: num_workers=None; the {name!r} preset "
+                       "aggregates one gradient per worker and needs it.")
+    _check_positive_int("num_workers", num_workers)
+    m = num_workers
+    if name == "backup_workers":
+      if not 0 <= backup_workers < num_workers:
+        raise ValueError(
+            f"Received: backup_workers={backup_workers!r}, which must be in "
+            f"[0, num_workers={num_workers}).")
+      m = num_workers - backup_workers
+    return cls(global_batch_size=m * local_batch_size,
+               local_batch_size=local_batch_size, max_staleness=0,
+               **no_decay)
+
+  def get_config(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_config(cls, config: Dict[str, Any]) -> "GBAConfig":
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"Received: unknown GBAConfig keys {unknown}.")
+    return cls(**config)
+
+  def to_json(self) -> str:
+    return json.dumps(self.get_config(), indent=2, sort_keys=True)

@@ -1,0 +1,238 @@
+"""`GBAStrategy`: Global Batch gradients Aggregation over a parameter server.
+
+The public class is thin; the work is in `_GBAStrategyExtended` and the
+helper modules (`tokens`, `accumulator`, `staleness`, `counters`).
+"""
+
+import os
+from typing import Any, Dict, Optional
+
+import tensorflow as tf
+
+from gba_tf import accumulator as accumulator_lib
+from gba_tf import compat
+from gba_tf import config as config_lib
+from gba_tf import counters as counters_lib
+from gba_tf import tokens as tokens_lib
+
+# Device of the GBA state (global step, counters, lock): the first PS task.
+# One task owns the lock so that a push is one lock round trip, whatever the
+# number of shards.
+_STATE_DEVICE = "/job:ps/replica:0/task:0/device:CPU:0"
+
+
+class GBAStrategy(compat.ParameterServerStrategyV2):
+  """Parameter-server training with the synchronous global batch (GBA).
+
+  GBA (arXiv 2205.11048) trains like asynchronous parameter-server training,
+  with no worker ever waiting for another, but applies each optimizer step
+  with the *global batch* of synchronous training: the parameter servers
+  aggregate exactly `M = global_batch_size / local_batch_size` local
+  gradients, from whichever workers deliver them, and apply their average.
+  Each gradient carries the global step its worker read before the forward
+  pass (its token); gradients more than `staleness_threshold` steps stale are
+  decayed, and past `max_staleness` dropped. Hyper-parameters tuned for
+  synchronous training (learning rate and its schedule, epochs) carry over
+  unchanged: `optimizer.iterations` counts global steps, as in sync.
+
+  Keras usage (the chief; workers and PS run plain `tf.distribute.Server`s):
+
+  ```python
+  import gba_tf  # sets TF_USE_LEGACY_KERAS=1 before TensorFlow loads
+  import tensorflow as tf
+
+  config = gba_tf.GBAConfig(global_batch_size=1024, local_batch_size=256)
+  strategy = gba_tf.GBAStrategy(config=config)  # cluster from TF_CONFIG
+  with strategy.scope():
+    model = tf.keras.Sequential([...])
+    model.compile(tf.keras.optimizers.Adam(1e-3), "binary_crossentropy")
+
+  def dataset_fn(input_context):
+    return make_dataset().batch(config.local_batch_size).repeat()
+
+  model.fit(tf.keras.utils.experimental.DatasetCreator(dataset_fn),
+            epochs=2, steps_per_epoch=1000,   # local steps per epoch
+            callbacks=[gba_tf.callbacks.GBAMetrics(strategy)])
+  ```
+
+  `steps_per_epoch` counts *local* steps (one local batch each); an epoch of
+  `S` local steps applies `S / M` optimizer steps, as many as synchronous
+  training with the global batch over the same samples.
+
+  Custom training loop:
+
+  ```python
+  coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+  with strategy.scope():
+    model, optimizer = ..., tf.keras.optimizers.SGD(0.1)
+
+  @tf.function
+  def step(iterator):
+    def replica_fn(x, y):
+      with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x))
+      grads = tape.gradient(loss, model.trainable_variables)
+      optimizer.apply_gradients(zip(grads, model.trainable_variables))
+      return loss
+    return strategy.run(replica_fn, args=next(iterator))
+
+  per_worker = coordinator.create_per_worker_dataset(dataset_fn)
+  for _ in range(num_local_steps):
+    coordinator.schedule(step, args=(iter(per_worker),))
+  coordinator.join()
+  print(strategy.gba_metrics())
+  ```
+
+  Cluster (TF_CONFIG on each task; index varies per task):
+
+  ```json
+  {"cluster": {"chief": ["host0:2222"],
+               "worker": ["host1:2222", "host2:2222"],
+               "ps": ["host3:2222", "host4:2222"]},
+   "task": {"type": "worker", "index": 0}}
+  ```
+
+  Worker and PS tasks only start a server:
+
+  ```python
+  resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  server = tf.distribute.Server(resolver.cluster_spec(),
+                                job_name=resolver.task_type,
+                                task_index=resolver.task_id,
+                                protocol=resolver.rpc_layer or "grpc",
+                                start=True)
+  server.join()
+  ```
+
+  `gba_tf.cluster.LocalCluster` starts such a cluster on loopback ports.
+
+  Sync fallback: with a healthy cluster, the same model and `GBAConfig`
+  train under `tf.distribute.MultiWorkerMirroredStrategy` with per-replica
+  batch `global_batch_size / num_workers`; checkpoints of model and
+  optimizer load across the two modes (`gba_tf.switching`).
+
+  Presets: `GBAConfig.preset("async" | "sync_ps" | "backup_workers" |
+  "bounded_staleness", ...)` express the classic PS baselines with the same
+  machinery.
+
+  Limitations:
+    * One device per worker (CPU, or one GPU): multi-GPU workers are refused.
+    * Gradients pending in the accumulator (fewer than M) when training stops
+      are counted in `gba_metrics()["pending"]` and not applied; they are not
+      part of checkpoints.
+    * Only tf_keras optimizers (new and legacy) are intercepted; a custom
+      loop that updates variables itself (`var.assign_sub`) bypasses GBA.
+    * Decoupled weight decay (`weight_decay=`, AdamW) is applied once per
+      global step, at apply time.
+  """
+
+  def __init__(self,
+               cluster_resolver: Optional[
+                   tf.distribute.cluster_resolver.ClusterResolver] = None,
+               config: Optional[config_lib.GBAConfig] = None,
+               variable_partitioner=None):
+    if config is None:
+      config = config_lib.GBAConfig()
+    if not isinstance(config, config_lib.GBAConfig):
+      raise TypeError(f"Received: config={config!r}, which is not a "
+                      "gba_tf.GBAConfig.")
+    if cluster_resolver is None:
+      if not os.environ.get("TF_CONFIG"):
+        raise ValueError(
+            "Received: cluster_resolver=None and TF_CONFIG is not set; "
+            "pass a ClusterResolver or set TF_CONFIG.")
+      cluster_resolver = (
+          tf.distribute.cluster_resolver.TFConfigClusterResolver())
+    super().__init__(cluster_resolver, variable_partitioner)
+    compat.replace_extended(
+        self, _GBAStrategyExtended(self, cluster_resolver,
+                                   variable_partitioner, config))
+
+  @property
+  def gba_config(self) -> config_lib.GBAConfig:
+    return self.extended.gba_config
+
+  def gba_metrics(self) -> Dict[str, Any]:
+    """Runtime counters as Python numbers (see `gba_tf.counters`)."""
+    return self.extended.counters.as_dict()
+
+
+class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):
+  """Runs each replica function with a token; aggregates its gradients."""
+
+  def __init__(self, container_strategy, cluster_resolver,
+               variable_partitioner, config: config_lib.GBAConfig):
+    super().__init__(container_strategy, cluster_resolver,
+                     variable_partitioner)
+    if self._num_gpus_per_worker > 1:
+      raise ValueError(
+          f"Received: {self._num_gpus_per_worker} GPUs per worker; "
+          "GBAStrategy supports one device per worker.")
+    self.gba_config = config
+    self.tokens = tokens_lib.TokenService(_STATE_DEVICE)
+    self.counters = counters_lib.GBACounters(self._num_workers, _STATE_DEVICE)
+    self.aggregator = accumulator_lib.GradientAggregator(
+        self, config.num_aggregate, config.policy, self.tokens,
+        self.counters, _STATE_DEVICE)
+
+  def _call_for_each_replica(self, fn, args, kwargs):
+    self._assert_being_scheduled_by_cluster_coordinator()
+    token, read_time = self.tokens.issue()
+    context = _GBAReplicaContext(self._container_strategy(), token,
+                                 read_time, self.tokens.worker_index())
+    # The forward pass depends on the token, so the token is never newer
+    # than the parameters it reads (invariant 2).
+    with tf.device(self.worker_devices[0]), context, \
+        tf.control_dependencies([token, read_time]):
+      return fn(*args, **kwargs)
+
+
+class _GBAReplicaContext(compat.ReplicaContext):
+  """Replica context whose optimizer merge call goes through the aggregator.
+
+  Not thread-safe: one per traced replica function.
+  """
+
+  def __init__(self, strategy, token, read_time, worker_index):
+    super().__init__(strategy, replica_id_in_sync_group=0)
+    self._token = token
+    self._read_time = read_time
+    self._worker_index = worker_index
+    self._deferred = []
+
+  def merge_call(self, merge_fn, args=(), kwargs=None):
+    # Overrides the public method: `merge_call` wraps `merge_fn` for
+    # autograph before `_merge_call` sees it, hiding the bound optimizer.
+    kwargs = kwargs or {}
+    if compat.is_weight_decay_merge_fn(merge_fn):
+      # Decoupled weight decay is part of the optimizer step: apply it once
+      # per global step, inside the apply branch, not once per local step.
+      self._deferred.append((merge_fn, args, kwargs))
+      return None
+    optimizer = compat.optimizer_of_merge_fn(merge_fn)
+    if optimizer is None:
+      return super().merge_call(merge_fn, args, kwargs)
+    grads_and_vars = list(args[0])
+    rest = tuple(args[1:])
+    deferred, self._deferred = self._deferred, []
+    strategy = self._strategy
+    aggregator = strategy.extended.aggregator
+
+    def before_apply():
+      compat.refresh_learning_rate(optimizer)
+      for fn, fn_args, fn_kwargs in deferred:
+        fn(strategy, *fn_args, **fn_kwargs)
+
+    def apply_fn(aggregated):
+      merge_fn(strategy, aggregated, *rest, **kwargs)
+      return optimizer.iterations.read_value()
+
+    def gba_merge(unused_strategy):
+      applied = aggregator.push_and_maybe_apply(
+          grads_and_vars, self._token, self._read_time, self._worker_index,
+          apply_fn, before_apply)
+      with tf.control_dependencies([applied]):
+        return optimizer.iterations.read_value()
+
+    return super().merge_call(gba_merge)
+

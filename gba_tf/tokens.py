@@ -1,0 +1,71 @@
+"""Token service: the global step, and the token each local step carries.
+
+GBA (arXiv 2205.11048, Sec. 3.2) tags every local gradient with a *token*:
+the parameter version (global step) the worker read before its forward pass.
+The staleness of the gradient when it is aggregated at global step `s` is
+`tau = s - token`.
+
+Where the token is read matters (DESIGN invariant 2). Keras `fit` schedules a
+whole epoch of closures on the coordinator before the first one runs, so a
+token taken at `schedule()` time would be hundreds of steps old. The token is
+therefore read *inside* the scheduled function, on the worker, as the first
+op of the replica function, and the forward pass is made to depend on it.
+
+The global step lives in a variable on the first PS task, next to the
+accumulator's critical section that advances it. It counts global steps
+applied by this strategy instance; staleness only needs differences of it, so
+it is not checkpointed (the optimizer's `iterations` is, and advances in step
+with it).
+
+Token lifecycle (one per local step):
+  ISSUED (read before the forward pass) -> PUSHED (gradient reached the PS)
+  -> DROPPED (tau > max_staleness) | PENDING -> APPLIED (M-th gradient).
+  A worker that dies between ISSUED and PUSHED loses its token and nothing
+  else (paper, appendix): no state was taken on its behalf.
+
+Thread-safety: reads are lock-free; the step is only advanced inside the
+aggregator's critical section.
+"""
+
+import tensorflow as tf
+
+from gba_tf import compat
+
+
+class TokenService:
+  """Owns the global step; issues tokens inside scheduled functions."""
+
+  def __init__(self, device: str):
+    with tf.device(device):
+      self.global_step = tf.Variable(
+          tf.constant(0, tf.int64), trainable=False, name="gba_global_step")
+
+  def issue(self):
+    """Reads the token and the time it was read. Call in the replica fn.
+
+    Returns:
+      `(token, read_time)`: int64 scalar tensor and float64 seconds.
+    """
+    token = self.global_step.read_value()
+    with tf.control_dependencies([token]):
+      read_time = tf.timestamp()
+    return token, read_time
+
+  @staticmethod
+  def worker_index():
+    """The worker running the current closure, or 0 outside a coordinator.
+
+    `ClusterCoordinator` binds it when the closure is dispatched, so the same
+    traced function reports the right worker on every worker.
+    """
+    if not compat.inside_function():
+      return tf.constant(0, tf.int64)
+    try:
+      index = tf.distribute.coordinator.experimental_get_current_worker_index()
+    except RuntimeError:
+      return tf.constant(0, tf.int64)
+    return tf.cast(index, tf.int64)
+
+  def staleness(self, token):
+    """tau of a gradient with `token`, read now (inside the lock)."""
+    return tf.maximum(self.global_step.read_value() - token, 0)
