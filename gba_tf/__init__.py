@@ -10,12 +10,13 @@ import os as _os
 _os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf import callbacks
 from gba_tf import cluster
 from gba_tf import staleness
 from gba_tf.config import GBAConfig
 from gba_tf.staleness import StalenessPolicy
 from gba_tf.strategy import GBAStrategy
 
-__all__ = ["GBAConfig", "GBAStrategy", "StalenessPolicy", "cluster",
+__all__ = ["GBAConfig", "GBAStrategy", "StalenessPolicy", "callbacks", "cluster",
            "staleness"]
 __version__ = "0.1.0"

@@ -1,0 +1,25 @@
+"""gba_tf: Global Batch gradients Aggregation for TensorFlow."""
+
+import setuptools
+
+setuptools.setup(
+    name="gba_tf",
+    version="0.1.0",
+    description=("Switch recommendation models between synchronous and "
+                 "asynchronous distributed training without re-tuning "
+                 "(GBA, arXiv 2205.11048)."),
+    packages=setuptools.find_packages(include=["gba_tf", "gba_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # tensorflow-recommenders depends on the full `tensorflow` wheel, so
+        # tensorflow-cpu would be installed twice; pin the full one.
+        "tensorflow==2.21.*",
+        "tf-keras==2.21.*",
+        "tensorflow-recommenders==0.7.7",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+)

@@ -1,0 +1,447 @@
+"""GBAStrategy on real in-process TF servers (2 workers, 2 PS).
+
+The staleness tests choreograph workers with PS-resident queues instead of
+sleeps: a "held" local step reads its token, signals `started`, then blocks on
+`gate` inside its forward pass while the other worker completes global
+steps. Its staleness is then known exactly, with no timing assumption.
+"""
+
+import os
+from unittest import mock
+
+import numpy as np
+from absl.testing import parameterized
+
+import gba_tf
+import tensorflow as tf
+
+from tests import testing_utils
+
+_PS0 = "/job:ps/replica:0/task:0/device:CPU:0"
+
+
+def _np_grads(ids, coeffs, g):
+  """Gradients of loss = sum_j <coeffs_j, E[ids_j]> + <g, w> (by hand).
+
+  d/dw = g; d/dE[r] = sum of coeffs_j over the j with ids_j == r, so a
+  duplicated id adds its coefficients.
+  """
+  table = np.zeros([6, 2], np.float32)
+  np.add.at(table, np.asarray(ids), np.asarray(coeffs, np.float32))
+  return np.asarray(g, np.float32), table
+
+
+class _Harness:
+  """w[2] and E[6, 2], both split over 2 PS; the test picks each gradient."""
+
+  def __init__(self, strategy, optimizer_fn):
+    self.strategy = strategy
+    self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+      self.w = tf.Variable(tf.zeros([2]), name="w")
+      self.table = tf.Variable(tf.zeros([6, 2]), name="table")
+      self.optimizer = optimizer_fn()
+    self.vars = list(self.w.variables) + list(self.table.variables)
+    with tf.device(_PS0):
+      self.gate = tf.queue.FIFOQueue(16, tf.float32, shapes=[[]])
+      self.started = tf.queue.FIFOQueue(16, tf.float32, shapes=[[]])
+
+    @tf.function
+    def step(ids, coeffs, g, hold):
+      def replica_fn(ids, coeffs, g, hold):
+        def wait():
+          with tf.control_dependencies([self.started.enqueue(1.0)]):
+            return self.gate.dequeue()
+
+        x = tf.cond(hold, wait, lambda: tf.constant(1.0))
+        with tf.GradientTape() as tape:
+          emb = tf.nn.embedding_lookup(self.table, ids)
+          loss = x * (tf.reduce_sum(emb * coeffs) +
+                      tf.reduce_sum(self.w * g))
+        grads = tape.gradient(loss, self.vars)
+        self.optimizer.apply_gradients(zip(grads, self.vars))
+        return loss
+
+      return self.strategy.run(replica_fn, args=(ids, coeffs, g, hold))
+
+    self._step = step
+
+  def schedule(self, push, hold=False):
+    ids, coeffs, g = push
+    return self.coordinator.schedule(self._step, args=(
+        tf.constant(ids, tf.int64), tf.constant(coeffs, tf.float32),
+        tf.constant(g, tf.float32), tf.constant(hold)))
+
+  def run(self, *pushes):
+    for rv in [self.schedule(p) for p in pushes]:
+      rv.fetch()
+
+  def hold(self, push):
+    """Schedules a held step; returns once it has read its token."""
+    rv = self.schedule(push, hold=True)
+    self.started.dequeue()
+    return rv
+
+  def release(self, rv):
+    self.gate.enqueue(1.0)
+    rv.fetch()
+
+  def params(self):
+    return self.w.numpy(), self.table.numpy()
+
+
+# Local pushes: (ids, coefficient rows, dense gradient). Ids repeat within a
+# push (F1: none, F2: 1 twice, S: 4 twice) and rows span both shards
+# (rows 0-2 live on ps:0, rows 3-5 on ps:1).
+S = ([1, 4, 4], [[1, 0], [0, 1], [0, 1]], [1, 1])
+F1 = ([0, 1, 5], [[1, 1], [2, 2], [1, 0]], [2, 0])
+F2 = ([1, 1, 3], [[1, 0], [1, 0], [0, 4]], [0, 2])
+F3 = ([2, 2, 2], [[1, 0], [0, 1], [1, 1]], [4, 4])
+F4 = ([5, 0, 3], [[2, 0], [0, 2], [1, 1]], [-2, 2])
+F5 = ([3, 4, 5], [[1, 2], [3, 4], [5, 6]], [8, -8])
+
+
+class GBAStrategyExactnessTest(tf.test.TestCase):
+
+  def test_each_global_step_applies_weighted_mean_of_m_gradients(self):
+    # M = 2; tau <= 0 counts fully, then 0.5^(tau - 0); tau > 2 dropped.
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1,
+                              staleness_threshold=0, decay="exponential",
+                              decay_rate=0.5, max_staleness=2)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: tf.keras.optimizers.SGD(1.0))
+    # The table and w really are split across both PS tasks.
+    self.assertEqual(len(h.table.variables), 2)
+    self.assertIn("/job:ps/replica:0/task:0", h.table.variables[0].device)
+    self.assertIn("/job:ps/replica:0/task:1", h.table.variables[1].device)
+    self.assertIn("/job:ps/replica:0/task:1", h.w.variables[1].device)
+
+    def delta(*weighted):
+      # Sum_i f(tau_i) g_i / M with M = 2, lr = 1 (paper Sec. 3.2).
+      dw = sum(wt * _np_grads(*p)[0] for wt, p in weighted) / 2
+      de = sum(wt * _np_grads(*p)[1] for wt, p in weighted) / 2
+      return -dw, -de
+
+    held = h.hold(S)  # token 0
+    h.run(F1, F2)     # tokens 0, 0 -> global step 1
+    w1, e1 = delta((1, F1), (1, F2))
+    self.assertAllClose(h.params(), (w1, e1))
+    self.assertEqual(h.optimizer.iterations.numpy(), 1)
+
+    h.run(F3, F4)     # tokens 1, 1 -> global step 2
+    w2, e2 = delta((1, F3), (1, F4))
+    self.assertAllClose(h.params(), (w1 + w2, e1 + e2))
+
+    h.release(held)   # token 0 applied at step 2: tau = 2, f = 0.5^2 = 0.25
+    m = strategy.gba_metrics()
+    self.assertEqual(m["pending"], 1)
+    self.assertEqual(m["staleness_histogram"][2], 1)
+    self.assertEqual(m["decayed"], 1)
+    # Pending: the parameters have not moved.
+    self.assertAllClose(h.params(), (w1 + w2, e1 + e2))
+
+    h.run(F5)         # token 2, tau 0 -> global step 3 = (0.25 S + F5) / 2
+    w3, e3 = delta((0.25, S), (1, F5))
+    self.assertAllClose(h.params(), (w1 + w2 + w3, e1 + e2 + e3))
+    self.assertEqual(h.optimizer.iterations.numpy(), 3)
+
+    held = h.hold(S)  # token 3
+    h.run(F1, F2, F3, F4, F5, F1)  # global steps 4, 5, 6
+    before = h.params()
+    h.release(held)   # tau = 6 - 3 = 3 > max_staleness 2: dropped
+    self.assertAllClose(h.params(), before)
+
+    m = strategy.gba_metrics()
+    # 13 pushes: 12 applied in 6 global steps, 1 dropped, none pending.
+    self.assertEqual((m["pushed"], m["applied"], m["dropped"], m["pending"],
+                      m["global_steps"]), (13, 12, 1, 0, 6))
+    self.assertEqual(m["pushed"], m["applied"] + m["dropped"] + m["pending"])
+    self.assertEqual(m["staleness_histogram"][3], 1)
+    self.assertEqual(h.optimizer.iterations.numpy(), 6)
+    # The held steps ran on one worker, the others on the other one.
+    self.assertEqual(sorted(m["worker_pushed"]), [2, 11])
+    self.assertEqual(sorted(m["worker_dropped"]), [0, 1])
+
+  def test_token_is_read_at_run_time_not_schedule_time(self):
+    # Keras fit schedules a whole epoch ahead; tokens must still be fresh.
+    # 12 steps scheduled at once on one worker (the other is held): each
+    # reads the then-current step, so every tau is 0. Tokens taken at
+    # schedule() time would all be 0 and reach tau = 5.
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1,
+                              max_staleness=None)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: tf.keras.optimizers.SGD(0.1))
+    held = h.hold(S)
+    h.run(*([F1, F2, F3] * 4))
+    m = strategy.gba_metrics()
+    self.assertEqual(m["staleness_histogram"][0], 12)
+    self.assertEqual(m["global_steps"], 6)
+    # Tokens are recorded at push: the held worker has not pushed yet (-1);
+    # the other pushed last with token 5 (global step 6 completed by it).
+    self.assertEqual(sorted(m["worker_last_token"]), [-1, 5])
+    h.release(held)   # read token 0 before its (blocked) forward pass
+    self.assertEqual(strategy.gba_metrics()["staleness_histogram"][6], 1)
+
+  def test_iterations_and_lr_schedule_count_global_steps(self):
+    # lr = 1.0 at global step 0, then 0.5. Constant gradient g = [1, 1] on w,
+    # E untouched. 4 local steps with M = 2 -> 2 global steps:
+    # w = -(1.0 * g) - (0.5 * g) = [-1.5, -1.5]. A schedule evaluated at local
+    # steps would give 1.0 + 0.5 + 0.5 + 0.5 over four M=1-sized updates.
+    schedule = tf.keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries=[0], values=[1.0, 0.5])
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: tf.keras.optimizers.SGD(schedule))
+    push = ([0], [[0, 0]], [1, 1])
+    h.run(push, push)
+    self.assertAllClose(h.w.numpy(), [-1.0, -1.0])
+    h.run(push, push)
+    self.assertAllClose(h.w.numpy(), [-1.5, -1.5])
+    self.assertEqual(h.optimizer.iterations.numpy(), 2)
+    self.assertEqual(strategy.gba_metrics()["global_steps"], 2)
+
+  def test_async_preset_equals_parameter_server_strategy(self):
+    # M = 1, no decay: every local gradient is one Adam step, exactly as in
+    # plain ParameterServerStrategy. Adam's slots make any difference in
+    # which gradients were applied, or at which step, visible.
+    pushes = [F1, F2, F3, F4, F5, S]
+    resolver = testing_utils.shared_cluster().resolver()
+    adam = lambda: tf.keras.optimizers.Adam(0.1)
+    gba = _Harness(gba_tf.GBAStrategy(
+        resolver, gba_tf.GBAConfig.preset("async", local_batch_size=1),
+        testing_utils.two_shards()), adam)
+    pss = _Harness(tf.distribute.experimental.ParameterServerStrategy(
+        resolver, testing_utils.two_shards()), adam)
+    for p in pushes:
+      gba.run(p)
+      pss.run(p)
+    self.assertAllClose(gba.params(), pss.params(), atol=1e-6)
+    self.assertEqual(gba.optimizer.iterations.numpy(), len(pushes))
+    self.assertGreater(np.abs(gba.params()[1]).sum(), 0.0)
+
+
+def _ctr_model(vocab=40, dim=4):
+  ids = tf.keras.Input(shape=(3,), dtype=tf.int64)
+  emb = tf.keras.layers.Embedding(
+      vocab, dim, embeddings_initializer=tf.keras.initializers.RandomUniform(
+          -0.1, 0.1, seed=1))(ids)
+  x = tf.keras.layers.Flatten()(emb)
+  x = tf.keras.layers.Dense(8, activation="relu",
+                            kernel_initializer=tf.keras.initializers.
+                            GlorotUniform(seed=2))(x)
+  out = tf.keras.layers.Dense(1, kernel_initializer=tf.keras.initializers.
+                              GlorotUniform(seed=3))(x)
+  return tf.keras.Model(ids, out)
+
+
+def _params(model):
+  """Whole (possibly sharded) weights, layer by layer."""
+  out = []
+  for layer in model.layers:
+    for name in ("embeddings", "kernel", "bias"):
+      if hasattr(layer, name):
+        out.append(getattr(layer, name))
+  return out
+
+
+_bce = tf.keras.losses.BinaryCrossentropy(
+    from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+
+
+def _mean_bce(y, logits):
+  # Mean over the *local* batch: GBA's mean of M local gradients is then the
+  # global-batch mean (Keras refuses AUTO reduction inside a strategy).
+  return tf.reduce_mean(_bce(y, logits))
+
+
+def _learnable_data(n, seed, vocab=40):
+  """Label = 1 when the sum of the hidden per-id weights is positive."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, vocab, size=(n, 3))
+  hidden = np.random.default_rng(0).normal(size=vocab)
+  y = (hidden[ids].sum(1) > 0).astype(np.float32)
+  return ids.astype(np.int64), y[:, None]
+
+
+class GBAStrategySyncEquivalenceTest(tf.test.TestCase):
+
+  def test_serialized_gba_equals_single_process_global_batch(self):
+    # Pushes serialized (each local step finishes before the next starts),
+    # so every tau is 0 and GBA must equal one process training on the
+    # concatenated global batch: mean of M local mean-gradients = global
+    # mean-gradient; Adam slots and the sparse embedding rows must agree.
+    m, local, steps = 3, 8, 4
+    ids, y = _learnable_data(m * local * steps, seed=7)
+    loss_fn = _mean_bce
+
+    ref = _ctr_model()
+    ref_opt = tf.keras.optimizers.Adam(0.05)
+    for k in range(steps):
+      sl = slice(k * m * local, (k + 1) * m * local)
+      with tf.GradientTape() as tape:
+        loss = loss_fn(y[sl], ref(ids[sl]))
+      grads = tape.gradient(loss, ref.trainable_variables)
+      ref_opt.apply_gradients(zip(grads, ref.trainable_variables))
+
+    config = gba_tf.GBAConfig(global_batch_size=m * local,
+                              local_batch_size=local)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+      model = _ctr_model()
+      opt = tf.keras.optimizers.Adam(0.05)
+    # Same starting point: sharded initialisation draws per shard.
+    init = _ctr_model()
+    for v, v0 in zip(_params(model), _params(init)):
+      v.assign(v0)
+
+    @tf.function
+    def step(x, t):
+      def replica_fn(x, t):
+        with tf.GradientTape() as tape:
+          loss = loss_fn(t, model(x))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+      strategy.run(replica_fn, args=(x, t))
+
+    for j in range(m * steps):
+      sl = slice(j * local, (j + 1) * local)
+      coordinator.schedule(step, args=(tf.constant(ids[sl]),
+                                       tf.constant(y[sl]))).fetch()
+
+    self.assertEqual(opt.iterations.numpy(), steps)
+    self.assertEqual(strategy.gba_metrics()["staleness_histogram"][0],
+                     m * steps)
+    for v, r in zip(_params(model), _params(ref)):
+      self.assertAllClose(tf.convert_to_tensor(v), r, atol=1e-5, rtol=1e-5)
+    # The embedding really moved (the comparison is not of two zeros).
+    self.assertGreater(np.abs(_params(ref)[0].numpy() -
+                              _params(init)[0].numpy()).max(), 1e-3)
+
+
+def _dataset_fn(local_batch):
+  def dataset_fn(input_context):
+    del input_context
+    ids, y = _learnable_data(2048, seed=3)
+    return tf.data.Dataset.from_tensor_slices((ids, y)).shuffle(
+        2048, seed=1).repeat().batch(local_batch)
+  return dataset_fn
+
+
+class GBAStrategyKerasTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("sgd", lambda: tf.keras.optimizers.SGD(0.5)),
+      ("adagrad", lambda: tf.keras.optimizers.Adagrad(0.3)),
+      ("adam", lambda: tf.keras.optimizers.Adam(0.02)),
+  )
+  def test_fit_learns_and_conserves_gradients(self, optimizer_fn):
+    config = gba_tf.GBAConfig(global_batch_size=64, local_batch_size=16)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    with strategy.scope():
+      model = _ctr_model()
+      model.compile(optimizer_fn(),
+                    tf.keras.losses.BinaryCrossentropy(from_logits=True))
+    metrics_cb = gba_tf.callbacks.GBAMetrics(strategy)
+    history = model.fit(
+        tf.keras.utils.experimental.DatasetCreator(_dataset_fn(16)),
+        epochs=4, steps_per_epoch=40, verbose=0, callbacks=[metrics_cb])
+    losses = history.history["loss"]
+    self.assertLess(losses[-1], 0.9 * losses[0])
+    m = strategy.gba_metrics()
+    # 160 local steps; nothing dropped by default this fresh -> 40 steps.
+    self.assertEqual(m["pushed"], 160)
+    self.assertEqual(m["pushed"], m["applied"] + m["dropped"] + m["pending"])
+    self.assertLess(m["pending"], config.num_aggregate)
+    self.assertEqual(m["applied"], config.num_aggregate * m["global_steps"])
+    self.assertEqual(model.optimizer.iterations.numpy(), m["global_steps"])
+    self.assertEqual(m["global_steps"], (160 - m["dropped"]) // 4)
+    # Both workers contributed, and the callback logged the counters.
+    self.assertEqual(sum(m["worker_pushed"]), 160)
+    self.assertTrue(all(n > 0 for n in m["worker_pushed"]))
+    self.assertEqual(history.history["gba/global_steps"][-1],
+                     m["global_steps"])
+
+  def test_tfrs_ranking_model_fit(self):
+    import tensorflow_recommenders as tfrs  # pylint: disable=g-import-not-at-top
+
+    class Ranker(tfrs.Model):
+
+      def __init__(self):
+        super().__init__()
+        self.tower = _ctr_model()
+        self.task = tfrs.tasks.Ranking(loss=_bce)
+
+      def compute_loss(self, inputs, training=False):
+        ids, y = inputs
+        return tf.reduce_mean(self.task(labels=y, predictions=self.tower(ids)))
+
+    config = gba_tf.GBAConfig(global_batch_size=32, local_batch_size=16)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    with strategy.scope():
+      model = Ranker()
+      model.compile(tf.keras.optimizers.Adagrad(0.3))
+    history = model.fit(
+        tf.keras.utils.experimental.DatasetCreator(_dataset_fn(16)),
+        epochs=3, steps_per_epoch=40, verbose=0)
+    losses = history.history["loss"]
+    self.assertLess(losses[-1], 0.9 * losses[0])
+    self.assertEqual(model.optimizer.iterations.numpy(),
+                     strategy.gba_metrics()["global_steps"])
+
+  def test_custom_loop_learns(self):
+    config = gba_tf.GBAConfig(global_batch_size=32, local_batch_size=16)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+      model = _ctr_model()
+      opt = tf.keras.optimizers.Adam(0.02)
+    per_worker = coordinator.create_per_worker_dataset(
+        lambda: _dataset_fn(16)(None))
+    iterator = iter(per_worker)
+
+    @tf.function
+    def step(iterator):
+      def replica_fn(x, t):
+        with tf.GradientTape() as tape:
+          loss = _mean_bce(t, model(x))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+      return strategy.run(replica_fn, args=next(iterator))
+
+    def epoch():
+      rvs = [coordinator.schedule(step, args=(iterator,)) for _ in range(40)]
+      coordinator.join()
+      return np.mean([rv.fetch() for rv in rvs])
+
+    first = epoch()
+    for _ in range(2):
+      last = epoch()
+    self.assertLess(last, 0.9 * first)
+    self.assertEqual(strategy.gba_metrics()["pushed"], 120)
+
+
+class GBAStrategyArgumentsTest(tf.test.TestCase):
+
+  def test_rejects_non_config(self):
+    with self.assertRaisesRegex(TypeError, "Received: config={'global"):
+      gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                         config={"global_batch_size": 4})
+
+  def test_needs_resolver_or_tf_config(self):
+    with mock.patch.dict(os.environ), \
+        self.assertRaisesRegex(ValueError, "TF_CONFIG is not set"):
+      os.environ.pop("TF_CONFIG", None)
+      gba_tf.GBAStrategy(config=gba_tf.GBAConfig())
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,27 @@
+"""Shared test helpers: one in-process cluster per pytest process."""
+
+import functools
+
+import gba_tf
+import tensorflow as tf
+
+# Every unit test that needs servers shares this shape: 2 workers so that one
+# can be held while the other runs, 2 PS so that sharded variables really are
+# split across PS tasks.
+NUM_WORKERS = 2
+NUM_PS = 2
+
+
+@functools.lru_cache(maxsize=None)
+def shared_cluster() -> gba_tf.cluster.InProcessCluster:
+  """Servers cannot be stopped in TF 2.21, so build them once per process."""
+  return gba_tf.cluster.InProcessCluster(num_workers=NUM_WORKERS,
+                                         num_ps=NUM_PS)
+
+
+def two_shards():
+  return tf.distribute.experimental.partitioners.FixedShardsPartitioner(2)
+
+
+def shard_devices(sharded_variable):
+  return [v.device for v in sharded_variable.variables]
