@@ -1,0 +1,152 @@
+"""Synthetic click-through data with a known best AUC, and straggler injection.
+
+Ids of every categorical field follow a Zipf law (a few hot ids, a long
+tail), as in production CTR logs. Labels are drawn from a hidden
+factorization-machine model, so the probability of every example, and hence
+the best achievable AUC, is known.
+
+Example:
+
+>>> data = SyntheticCTR(num_fields=8, vocab_per_field=12_500, seed=0)
+>>> ids, labels = data.sample(4)
+>>> ids.shape, labels.shape
+((4, 8), (4,))
+"""
+
+import dataclasses
+from typing import Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from gba_tf import compat
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticCTR:
+  """Deterministic-by-seed Zipf CTR generator with a hidden FM label model.
+
+  Ids are global: field `f` owns ids `[f * vocab_per_field, (f + 1) *
+  vocab_per_field)`, so one embedding table of `vocab_size` rows serves all
+  fields.
+
+  Attributes:
+    num_fields: categorical fields per example.
+    vocab_per_field: distinct ids per field.
+    zipf_exponent: `P(rank r) ~ r ** -zipf_exponent` within a field.
+    factor_dim: rank of the hidden pairwise interactions.
+    seed: fixes the hidden model; `sample(n, seed=...)` fixes the examples.
+  """
+
+  num_fields: int = 8
+  vocab_per_field: int = 12_500
+  zipf_exponent: float = 1.1
+  factor_dim: int = 4
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("num_fields", "vocab_per_field", "factor_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Received: {name}={value!r}, which must be an "
+                         "integer > 0.")
+    if not self.zipf_exponent > 0:
+      raise ValueError(f"Received: zipf_exponent={self.zipf_exponent!r}, "
+                       "which must be > 0.")
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_fields * self.vocab_per_field
+
+  def _hidden(self):
+    rng = np.random.default_rng(self.seed)
+    weights = rng.normal(0.0, 0.6, self.vocab_size)
+    factors = rng.normal(0.0, 0.35, (self.vocab_size, self.factor_dim))
+    return weights, factors
+
+  def rank_probabilities(self) -> np.ndarray:
+    ranks = np.arange(1, self.vocab_per_field + 1, dtype=np.float64)
+    p = ranks ** -self.zipf_exponent
+    return p / p.sum()
+
+  def logits(self, ids: np.ndarray) -> np.ndarray:
+    """Hidden model: bias + sum of id weights + FM pairwise interactions."""
+    weights, factors = self._hidden()
+    v = factors[ids]                                   # [n, F, k]
+    pairwise = 0.5 * ((v.sum(1) ** 2) - (v ** 2).sum(1)).sum(1)
+    return -0.5 + weights[ids].sum(1) + pairwise
+
+  def sample(self, n: int, seed: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """`n` examples: int64 ids [n, num_fields], float32 labels [n]."""
+    rng = np.random.default_rng([self.seed, seed])
+    ranks = rng.choice(self.vocab_per_field, size=(n, self.num_fields),
+                       p=self.rank_probabilities())
+    ids = ranks + np.arange(self.num_fields) * self.vocab_per_field
+    prob = 1.0 / (1.0 + np.exp(-self.logits(ids)))
+    labels = (rng.random(n) < prob).astype(np.float32)
+    return ids.astype(np.int64), labels
+
+  def best_auc(self, n: int = 50_000, seed: int = 2) -> float:
+    """AUC of the true probabilities on a fresh sample (the ceiling)."""
+    ids, labels = self.sample(n, seed=seed)
+    return auc(labels, self.logits(ids))
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+  """ROC AUC by the rank-sum formula (ties get average ranks)."""
+  labels = np.asarray(labels).ravel()
+  order = np.argsort(scores, kind="mergesort")
+  ranks = np.empty(len(order), np.float64)
+  sorted_scores = np.asarray(scores).ravel()[order]
+  ranks[order] = np.arange(1, len(order) + 1)
+  # Average ranks over ties.
+  _, start, counts = np.unique(sorted_scores, return_index=True,
+                               return_counts=True)
+  for s, c in zip(start, counts):
+    if c > 1:
+      ranks[order[s:s + c]] = s + (c + 1) / 2.0
+  pos = labels > 0.5
+  n_pos, n_neg = pos.sum(), (~pos).sum()
+  if n_pos == 0 or n_neg == 0:
+    raise ValueError("Received labels of one class only; AUC is undefined.")
+  return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def with_straggler(dataset: tf.data.Dataset, step_ms: float,
+                   slow_worker: int = -1, slowdown: float = 1.0):
+  """Emulates per-step compute time, with one worker `slowdown` times slower.
+
+  On a machine with fewer cores than workers, real compute would make all
+  workers contend for the same cores; a sleep per batch gives every worker
+  its own "compute" instead, so adding workers adds throughput as on a real
+  cluster. Call inside a `dataset_fn`: the slow worker is chosen by the
+  runtime worker index, which ClusterCoordinator binds per worker (the
+  `input_context.input_pipeline_id` is 0 on every PS worker).
+
+  Apply it as the *last* stage: a `prefetch` after it would overlap the
+  sleep with the training step and hide the slowdown.
+
+  Args:
+    dataset: batched dataset.
+    step_ms: emulated compute time of one batch on a healthy worker.
+    slow_worker: worker index that runs slow; -1 for none.
+    slowdown: the slow worker takes `slowdown * step_ms` per batch
+      (4.0 = a quarter of the speed).
+  """
+  if step_ms < 0 or slowdown < 1.0:
+    raise ValueError(f"Received: step_ms={step_ms}, slowdown={slowdown}; "
+                     "need step_ms >= 0 and slowdown >= 1.")
+  if step_ms == 0:
+    return dataset
+  try:
+    index = tf.distribute.coordinator.experimental_get_current_worker_index()
+  except RuntimeError:  # outside a cluster (a single process): not slowed
+    index = tf.constant(-2)
+  micros = tf.where(tf.equal(tf.cast(index, tf.int64), slow_worker),
+                    tf.constant(int(step_ms * slowdown * 1000), tf.int64),
+                    tf.constant(int(step_ms * 1000), tf.int64))
+  dataset = dataset.apply(compat.data_sleep(micros))
+  # tf.data would otherwise inject a prefetch after the sleep (see above).
+  options = tf.data.Options()
+  options.experimental_optimization.inject_prefetch = False
+  return dataset.with_options(options)

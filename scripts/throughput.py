@@ -1,0 +1,138 @@
+"""Benchmark: local steps/s of GBA vs plain ParameterServerStrategy.
+
+Same local multi-process cluster (one OS process per task, gRPC on
+loopback), same model, data and optimizer; only the strategy differs. Modes
+are interleaved across repeats so that drift of the machine hits both.
+
+  python scripts/throughput.py --workers=2 --ps=1 --steps=400 --repeats=3
+
+Prints a table and writes results/throughput.json.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gba_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from gba_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_integer("workers", 2, "Worker processes.")
+  flags.DEFINE_integer("ps", 1, "Parameter server processes.")
+  flags.DEFINE_integer("local_batch_size", 256, "Samples per local step.")
+  flags.DEFINE_integer("global_batch_size", None,
+                       "Samples per optimizer step; default workers * local.")
+  flags.DEFINE_integer("steps", 400, "Timed local steps per run.")
+  flags.DEFINE_integer("warmup_steps", 40, "Untimed local steps per run.")
+  flags.DEFINE_integer("repeats", 3, "Runs per mode, interleaved.")
+  flags.DEFINE_list("modes", ["pss", "gba"], "Modes to compare.")
+  flags.DEFINE_float("step_ms", 0.0, "Emulated compute per batch (sleep).")
+  flags.DEFINE_integer("straggler", -1, "Index of a slow worker, -1 none.")
+  flags.DEFINE_float("slowdown", 4.0, "Slow worker takes this x step_ms.")
+  flags.DEFINE_string("out", "results/throughput.json", "JSON output.")
+
+
+def _strategy(mode, resolver, config, num_ps):
+  partitioner = tf.distribute.experimental.partitioners.FixedShardsPartitioner(
+      num_ps)
+  if mode == "pss":
+    return tf.distribute.experimental.ParameterServerStrategy(
+        resolver, partitioner)
+  if mode == "gba":
+    return gba_tf.GBAStrategy(resolver, config, partitioner)
+  raise ValueError(f"Received: mode={mode!r}, which is not 'pss' or 'gba'.")
+
+
+def run_once(mode, cluster, data, ids, labels, config):
+  strategy = _strategy(mode, cluster.resolver(), config, FLAGS.ps)
+  with strategy.scope():
+    model = models.embedding_mlp(data.num_fields, data.vocab_size)
+    model.compile(tf.keras.optimizers.Adagrad(0.05),
+                  tf.keras.losses.BinaryCrossentropy(from_logits=True))
+
+  def dataset_fn(input_context):
+    del input_context
+    ds = tf.data.Dataset.from_tensor_slices((ids, labels)).repeat()
+    ds = ds.batch(FLAGS.local_batch_size)
+    # Last stage, no prefetch after it: the sleep stands for compute.
+    return synthetic.with_straggler(ds.prefetch(2), FLAGS.step_ms,
+                                    FLAGS.straggler, FLAGS.slowdown)
+
+  creator = tf.keras.utils.experimental.DatasetCreator(dataset_fn)
+  model.fit(creator, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
+  start = time.perf_counter()
+  history = model.fit(creator, epochs=1, steps_per_epoch=FLAGS.steps,
+                      verbose=0)
+  seconds = time.perf_counter() - start
+  row = {"mode": mode, "local_steps": FLAGS.steps, "seconds": seconds,
+         "local_steps_per_s": FLAGS.steps / seconds,
+         "samples_per_s": FLAGS.steps * FLAGS.local_batch_size / seconds,
+         "loss": float(history.history["loss"][-1]),
+         "optimizer_steps": int(model.optimizer.iterations.numpy())}
+  if mode == "gba":
+    m = strategy.gba_metrics()
+    row.update({k: m[k] for k in ("pushed", "applied", "dropped", "pending",
+                                  "global_steps", "decayed")})
+    row["staleness_histogram"] = m["staleness_histogram"]
+  return row
+
+
+def main(argv):
+  del argv
+  global_batch = FLAGS.global_batch_size or (
+      FLAGS.workers * FLAGS.local_batch_size)
+  config = gba_tf.GBAConfig(global_batch_size=global_batch,
+                            local_batch_size=FLAGS.local_batch_size)
+  data = synthetic.SyntheticCTR()
+  ids, labels = data.sample(65_536)
+  rows = []
+  with gba_tf.cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
+    for repeat in range(FLAGS.repeats):
+      for mode in FLAGS.modes:
+        row = run_once(mode, cluster, data, ids, labels[:, None], config)
+        row["repeat"] = repeat
+        rows.append(row)
+        print(f"[{repeat}] {mode:4s} {row['local_steps_per_s']:8.1f} local "
+              f"steps/s  loss {row['loss']:.4f}", flush=True)
+  summary = {}
+  for mode in FLAGS.modes:
+    rates = [r["local_steps_per_s"] for r in rows if r["mode"] == mode]
+    summary[mode] = {"median_local_steps_per_s": float(np.median(rates)),
+                     "runs": rates}
+  if {"pss", "gba"} <= set(summary):
+    summary["gba_over_pss"] = (summary["gba"]["median_local_steps_per_s"] /
+                               summary["pss"]["median_local_steps_per_s"])
+  print("\nmode   median local steps/s   runs")
+  for mode in FLAGS.modes:
+    runs = ", ".join(f"{r:.1f}" for r in summary[mode]["runs"])
+    print(f"{mode:6s} {summary[mode]['median_local_steps_per_s']:20.1f}   "
+          f"{runs}")
+  if "gba_over_pss" in summary:
+    print(f"GBA / PSS = {summary['gba_over_pss']:.3f}")
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump({"flags": {k: FLAGS[k].value for k in (
+        "workers", "ps", "local_batch_size", "steps", "warmup_steps",
+        "repeats", "step_ms", "straggler", "slowdown")},
+               "global_batch_size": global_batch, "summary": summary,
+               "runs": rows}, f, indent=2)
+  print(f"wrote {FLAGS.out}")
+  gba_tf.cluster.exit_now(0)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

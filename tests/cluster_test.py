@@ -1,0 +1,64 @@
+"""Multi-process cluster tests: real OS processes, real gRPC on loopback.
+
+Each test runs a job the way a user does, as a subprocess, so the chief of
+the job is a fresh process (a process can only coordinate the cluster it
+first connected to), and asserts on what the job wrote.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import gba_tf
+import tensorflow as tf
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.cluster
+class LocalClusterTest(tf.test.TestCase):
+
+  def test_demo_job_with_straggler(self):
+    # 2 workers + 1 PS processes; worker 1 at 1/4 speed (80 ms vs 20 ms of
+    # emulated compute per local step). 2 epochs x 40 local steps, M = 2.
+    out = os.path.join(tempfile.mkdtemp(), "demo.json")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "scripts", "demo.py"),
+         "--workers=2", "--ps=1", "--epochs=2", "--steps_per_epoch=40",
+         "--step_ms=20", "--straggler=1", "--slowdown=4", f"--out={out}"],
+        cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(out) as f:
+      summary = json.load(f)
+    m = summary["gba"]
+    self.assertEqual(m["pushed"], 80)
+    self.assertEqual(m["pushed"], m["applied"] + m["dropped"] + m["pending"])
+    self.assertEqual(summary["optimizer_iterations"], m["global_steps"])
+    self.assertEqual(m["applied"], 2 * m["global_steps"])
+    # The fast worker delivers more gradients than the straggler, and the
+    # straggler's gradients are the stale ones.
+    fast, slow = m["worker_pushed"]
+    self.assertGreater(fast, 2 * slow)
+    self.assertGreater(m["worker_mean_step_seconds"][1],
+                       2 * m["worker_mean_step_seconds"][0])
+    self.assertGreater(sum(m["staleness_histogram"][1:]), 0)
+    self.assertGreater(summary["test_auc"], 0.5)
+
+  def test_local_cluster_processes_are_cleaned_up(self):
+    with gba_tf.cluster.LocalCluster(num_workers=1, num_ps=1) as cluster:
+      procs = list(cluster.processes.values())
+      self.assertLen(procs, 2)
+      self.assertTrue(all(p.poll() is None for p in procs))
+      for address in cluster.spec["worker"] + cluster.spec["ps"]:
+        self.assertTrue(address.startswith("localhost:"))
+      cluster.kill_task("worker", 0)
+      self.assertIsNotNone(cluster.processes["worker:0"].poll())
+    self.assertTrue(all(p.poll() is not None for p in procs))
+
+
+if __name__ == "__main__":
+  tf.test.main()
