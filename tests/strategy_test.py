@@ -184,6 +184,46 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     h.release(held)   # read token 0 before its (blocked) forward pass
     self.assertEqual(strategy.gba_metrics()["staleness_histogram"][6], 1)
 
+  def test_no_update_lost_under_concurrent_pushes(self):
+    # 40 local steps scheduled at once on both workers, every push the same:
+    # ids [0, 3, 3] with unit coefficients -> dE[0] = [1, 1], dE[3] = [2, 2];
+    # dw = [1, 1]. No decay, nothing dropped, M = 4, SGD lr = 1: each of the
+    # 10 global steps moves w by -1, E[0] by -1 and E[3] by -2. A lost or
+    # doubled read-modify-write anywhere would break the totals.
+    config = gba_tf.GBAConfig(global_batch_size=4, local_batch_size=1,
+                              decay="none", max_staleness=None)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: tf.keras.optimizers.SGD(1.0))
+    push = ([0, 3, 3], [[1, 1], [1, 1], [1, 1]], [1, 1])
+    for _ in range(40):
+      h.schedule(push)
+    h.coordinator.join()
+    w, table = h.params()
+    self.assertAllClose(w, [-10.0, -10.0])
+    expected = np.zeros([6, 2], np.float32)
+    expected[0], expected[3] = -10.0, -20.0
+    self.assertAllClose(table, expected)
+    m = strategy.gba_metrics()
+    self.assertEqual((m["pushed"], m["applied"], m["global_steps"]),
+                     (40, 40, 10))
+    self.assertTrue(all(n > 0 for n in m["worker_pushed"]))
+
+  def test_weight_decay_once_per_global_step(self):
+    # Decoupled weight decay is part of the optimizer step: with zero
+    # gradients, lr = 1 and weight_decay = 0.1, 4 local steps with M = 2 are
+    # 2 global steps: w = w0 * 0.9^2 = 0.81 * w0 (not 0.9^4 = 0.6561 * w0).
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy,
+                 lambda: tf.keras.optimizers.SGD(1.0, weight_decay=0.1))
+    h.w.assign([1.0, 2.0])
+    zero = ([0], [[0, 0]], [0, 0])
+    h.run(zero, zero, zero, zero)
+    self.assertAllClose(h.w.numpy(), [0.81, 1.62])
+    self.assertEqual(h.optimizer.iterations.numpy(), 2)
+
   def test_iterations_and_lr_schedule_count_global_steps(self):
     # lr = 1.0 at global step 0, then 0.5. Constant gradient g = [1, 1] on w,
     # E untouched. 4 local steps with M = 2 -> 2 global steps:
