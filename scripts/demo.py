@@ -37,8 +37,8 @@ def define_flags():
                        "Samples per optimizer step; default workers * local.")
   flags.DEFINE_integer("epochs", 4, "Epochs.")
   flags.DEFINE_integer("steps_per_epoch", 100, "Local steps per epoch.")
-  flags.DEFINE_float("learning_rate", 0.05, "Adagrad learning rate.")
-  flags.DEFINE_float("step_ms", 20.0,
+  flags.DEFINE_float("learning_rate", 0.2, "Adagrad learning rate.")
+  flags.DEFINE_float("step_ms", 50.0,
                      "Emulated compute per local step (sleep), so that 2 "
                      "cores can host many workers.")
   flags.DEFINE_integer("straggler", 1, "Slow worker index; -1 for none.")
