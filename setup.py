@@ -18,6 +18,9 @@ setuptools.setup(
         "tensorflow-recommenders==0.7.7",
         "numpy",
         "absl-py",
+        # tf.summary's implementation (GBAMetrics writes TensorBoard
+        # summaries); TF 2.21 no longer installs it.
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -387,7 +387,8 @@ class GBAStrategyKerasTest(tf.test.TestCase, parameterized.TestCase):
       model = _ctr_model()
       model.compile(optimizer_fn(),
                     tf.keras.losses.BinaryCrossentropy(from_logits=True))
-    metrics_cb = gba_tf.callbacks.GBAMetrics(strategy)
+    log_dir = self.get_temp_dir()
+    metrics_cb = gba_tf.callbacks.GBAMetrics(strategy, log_dir)
     history = model.fit(
         tf.keras.utils.experimental.DatasetCreator(_dataset_fn(16)),
         epochs=4, steps_per_epoch=40, verbose=0, callbacks=[metrics_cb])
@@ -406,6 +407,12 @@ class GBAStrategyKerasTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(all(n > 0 for n in m["worker_pushed"]))
     self.assertEqual(history.history["gba/global_steps"][-1],
                      m["global_steps"])
+    tags = set()
+    for path in tf.io.gfile.glob(f"{log_dir}/gba/events.*"):
+      for event in tf.compat.v1.train.summary_iterator(path):
+        tags.update(v.tag for v in event.summary.value)
+    self.assertContainsSubset({"gba/global_steps", "gba/staleness",
+                               "gba/worker_0/pushed"}, tags)
 
   def test_tfrs_ranking_model_fit(self):
     import tensorflow_recommenders as tfrs  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,39 @@
+"""The TF / tf_keras internals GBA hooks into still exist (TF 2.21 pins).
+
+If TensorFlow moves one of them, this file says which, before any cluster
+test hangs or trains silently without GBA.
+"""
+
+import gba_tf  # noqa: F401
+import tensorflow as tf
+from tf_keras.src.optimizers import optimizer as keras_optimizer
+
+from gba_tf import compat
+
+
+class CompatTest(tf.test.TestCase):
+
+  def test_strategy_hooks_exist(self):
+    extended = compat.ParameterServerStrategyV2Extended
+    for name in ("_call_for_each_replica", "colocate_vars_with",
+                 "_assert_being_scheduled_by_cluster_coordinator"):
+      self.assertTrue(hasattr(extended, name), name)
+    self.assertTrue(hasattr(compat.ReplicaContext, "merge_call"))
+    self.assertTrue(issubclass(gba_tf.GBAStrategy,
+                               tf.distribute.experimental.ParameterServerStrategy))
+
+  def test_optimizer_merge_fn_is_recognised(self):
+    optimizer = tf.keras.optimizers.SGD(0.1)
+    self.assertIsInstance(optimizer, keras_optimizer.Optimizer)
+    fn = optimizer._distributed_apply_gradients_fn  # pylint: disable=protected-access
+    self.assertIs(compat.optimizer_of_merge_fn(fn), optimizer)
+    self.assertIsNone(compat.optimizer_of_merge_fn(lambda s: s))
+    self.assertTrue(hasattr(optimizer, "_compute_current_learning_rate"))
+
+  def test_data_sleep(self):
+    ds = tf.data.Dataset.range(3).apply(compat.data_sleep(1000))
+    self.assertEqual(list(ds.as_numpy_iterator()), [0, 1, 2])
+
+
+if __name__ == "__main__":
+  tf.test.main()
