@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gba_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from gba_tf import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -30,20 +31,15 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_integer("workers", 4, "Worker processes.")
-  flags.DEFINE_integer("ps", 2, "Parameter server processes.")
-  flags.DEFINE_integer("local_batch_size", 256, "Samples per local step.")
-  flags.DEFINE_integer("global_batch_size", None,
-                       "Samples per optimizer step; default workers * local.")
+  gba_flags.define_flags()
   flags.DEFINE_integer("epochs", 4, "Epochs.")
   flags.DEFINE_integer("steps_per_epoch", 100, "Local steps per epoch.")
   flags.DEFINE_float("learning_rate", 0.2, "Adagrad learning rate.")
-  flags.DEFINE_float("step_ms", 50.0,
-                     "Emulated compute per local step (sleep), so that 2 "
-                     "cores can host many workers.")
-  flags.DEFINE_integer("straggler", 1, "Slow worker index; -1 for none.")
-  flags.DEFINE_float("slowdown", 4.0, "The straggler takes this x step_ms.")
   flags.DEFINE_string("out", "results/demo.json", "JSON summary.")
+  # Worker 1 at a quarter of the speed; 50 ms of emulated compute makes the
+  # difference visible on 2 cores shared by 7 processes.
+  FLAGS.set_default("step_ms", 50.0)
+  FLAGS.set_default("straggler", 1)
 
 
 def _copy_to_local(model, data):
@@ -59,10 +55,7 @@ def _copy_to_local(model, data):
 
 def main(argv):
   del argv
-  global_batch = FLAGS.global_batch_size or (
-      FLAGS.workers * FLAGS.local_batch_size)
-  config = gba_tf.GBAConfig(global_batch_size=global_batch,
-                            local_batch_size=FLAGS.local_batch_size)
+  config = gba_flags.gba_config_from_flags()
   data = synthetic.SyntheticCTR()
   train_ids, train_labels = data.sample(
       FLAGS.epochs * FLAGS.steps_per_epoch * FLAGS.local_batch_size, seed=1)
@@ -82,14 +75,9 @@ def main(argv):
       model.compile(tf.keras.optimizers.Adagrad(FLAGS.learning_rate),
                     tf.keras.losses.BinaryCrossentropy(from_logits=True))
 
-    def dataset_fn(input_context):
-      del input_context
-      ds = tf.data.Dataset.from_tensor_slices(
-          (train_ids, train_labels[:, None])).shuffle(8192, seed=0).repeat()
-      ds = ds.batch(FLAGS.local_batch_size)
-      # Last stage, no prefetch after it: the sleep stands for compute.
-      return synthetic.with_straggler(ds.prefetch(2), FLAGS.step_ms,
-                                      FLAGS.straggler, FLAGS.slowdown)
+    dataset_fn = synthetic.dataset_fn(
+        train_ids, train_labels, FLAGS.local_batch_size, FLAGS.step_ms,
+        FLAGS.straggler, FLAGS.slowdown, shuffle_seed=0)
 
     start = time.perf_counter()
     history = model.fit(

@@ -23,6 +23,7 @@ import gba_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from gba_tf import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -30,19 +31,14 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_integer("workers", 2, "Worker processes.")
-  flags.DEFINE_integer("ps", 1, "Parameter server processes.")
-  flags.DEFINE_integer("local_batch_size", 256, "Samples per local step.")
-  flags.DEFINE_integer("global_batch_size", None,
-                       "Samples per optimizer step; default workers * local.")
+  gba_flags.define_flags()
   flags.DEFINE_integer("steps", 400, "Timed local steps per run.")
   flags.DEFINE_integer("warmup_steps", 40, "Untimed local steps per run.")
   flags.DEFINE_integer("repeats", 3, "Runs per mode, interleaved.")
   flags.DEFINE_list("modes", ["pss", "gba"], "Modes to compare.")
-  flags.DEFINE_float("step_ms", 0.0, "Emulated compute per batch (sleep).")
-  flags.DEFINE_integer("straggler", -1, "Index of a slow worker, -1 none.")
-  flags.DEFINE_float("slowdown", 4.0, "Slow worker takes this x step_ms.")
   flags.DEFINE_string("out", "results/throughput.json", "JSON output.")
+  FLAGS.set_default("workers", 2)
+  FLAGS.set_default("ps", 1)
 
 
 def _strategy(mode, resolver, config, num_ps):
@@ -63,14 +59,9 @@ def run_once(mode, cluster, data, ids, labels, config):
     model.compile(tf.keras.optimizers.Adagrad(0.05),
                   tf.keras.losses.BinaryCrossentropy(from_logits=True))
 
-  def dataset_fn(input_context):
-    del input_context
-    ds = tf.data.Dataset.from_tensor_slices((ids, labels)).repeat()
-    ds = ds.batch(FLAGS.local_batch_size)
-    # Last stage, no prefetch after it: the sleep stands for compute.
-    return synthetic.with_straggler(ds.prefetch(2), FLAGS.step_ms,
-                                    FLAGS.straggler, FLAGS.slowdown)
-
+  dataset_fn = synthetic.dataset_fn(ids, labels, FLAGS.local_batch_size,
+                                    FLAGS.step_ms, FLAGS.straggler,
+                                    FLAGS.slowdown)
   creator = tf.keras.utils.experimental.DatasetCreator(dataset_fn)
   model.fit(creator, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
   start = time.perf_counter()
@@ -92,17 +83,14 @@ def run_once(mode, cluster, data, ids, labels, config):
 
 def main(argv):
   del argv
-  global_batch = FLAGS.global_batch_size or (
-      FLAGS.workers * FLAGS.local_batch_size)
-  config = gba_tf.GBAConfig(global_batch_size=global_batch,
-                            local_batch_size=FLAGS.local_batch_size)
+  config = gba_flags.gba_config_from_flags()
   data = synthetic.SyntheticCTR()
   ids, labels = data.sample(65_536)
   rows = []
   with gba_tf.cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
     for repeat in range(FLAGS.repeats):
       for mode in FLAGS.modes:
-        row = run_once(mode, cluster, data, ids, labels[:, None], config)
+        row = run_once(mode, cluster, data, ids, labels, config)
         row["repeat"] = repeat
         rows.append(row)
         print(f"[{repeat}] {mode:4s} {row['local_steps_per_s']:8.1f} local "
@@ -127,7 +115,7 @@ def main(argv):
     json.dump({"flags": {k: FLAGS[k].value for k in (
         "workers", "ps", "local_batch_size", "steps", "warmup_steps",
         "repeats", "step_ms", "straggler", "slowdown")},
-               "global_batch_size": global_batch, "summary": summary,
+               "global_batch_size": config.global_batch_size, "summary": summary,
                "runs": rows}, f, indent=2)
   print(f"wrote {FLAGS.out}")
   gba_tf.cluster.exit_now(0)

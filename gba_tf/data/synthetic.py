@@ -112,6 +112,27 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
+               step_ms: float = 0.0, slow_worker: int = -1,
+               slowdown: float = 1.0, shuffle_seed=None):
+  """A `dataset_fn` for `DatasetCreator` / per-worker datasets.
+
+  Repeats `(ids, labels[:, None])` in local batches, optionally shuffled,
+  with the emulated compute of `with_straggler` as the last stage.
+  """
+  labels = np.asarray(labels, np.float32).reshape(-1, 1)
+
+  def fn(input_context=None):
+    del input_context
+    ds = tf.data.Dataset.from_tensor_slices((ids, labels))
+    if shuffle_seed is not None:
+      ds = ds.shuffle(8192, seed=shuffle_seed)
+    ds = ds.repeat().batch(local_batch_size).prefetch(2)
+    return with_straggler(ds, step_ms, slow_worker, slowdown)
+
+  return fn
+
+
 def with_straggler(dataset: tf.data.Dataset, step_ms: float,
                    slow_worker: int = -1, slowdown: float = 1.0):
   """Emulates per-step compute time, with one worker `slowdown` times slower.
