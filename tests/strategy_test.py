@@ -375,18 +375,22 @@ def _dataset_fn(local_batch):
 class GBAStrategyKerasTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ("sgd", lambda: tf.keras.optimizers.SGD(0.5)),
-      ("adagrad", lambda: tf.keras.optimizers.Adagrad(0.3)),
-      ("adam", lambda: tf.keras.optimizers.Adam(0.02)),
+      ("sgd", lambda: tf.keras.optimizers.SGD(0.5), 1),
+      ("adagrad", lambda: tf.keras.optimizers.Adagrad(0.3), 1),
+      ("adam", lambda: tf.keras.optimizers.Adam(0.02), 1),
+      # 4 local steps per scheduled function: each still reads its token.
+      ("adam_steps_per_execution", lambda: tf.keras.optimizers.Adam(0.02), 4),
   )
-  def test_fit_learns_and_conserves_gradients(self, optimizer_fn):
+  def test_fit_learns_and_conserves_gradients(self, optimizer_fn,
+                                              steps_per_execution):
     config = gba_tf.GBAConfig(global_batch_size=64, local_batch_size=16)
     strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
                                   config, testing_utils.two_shards())
     with strategy.scope():
       model = _ctr_model()
       model.compile(optimizer_fn(),
-                    tf.keras.losses.BinaryCrossentropy(from_logits=True))
+                    tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                    steps_per_execution=steps_per_execution)
     log_dir = self.get_temp_dir()
     metrics_cb = gba_tf.callbacks.GBAMetrics(strategy, log_dir)
     history = model.fit(
