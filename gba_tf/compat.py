@@ -6,6 +6,7 @@ tf_keras optimizer's gradient-apply function. Keeping them here means a TF
 upgrade breaks one module, and `tests/compat_test.py` says which hook moved.
 """
 
+import functools
 from typing import Any, Optional
 
 # pylint: disable=g-direct-tensorflow-import,unused-import
@@ -32,8 +33,12 @@ def optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
   """The optimizer whose gradient-apply function `merge_fn` is, else None.
 
   tf_keras optimizers apply gradients by passing a bound method to
-  `ReplicaContext.merge_call`; that call is where GBA takes over.
+  `ReplicaContext.merge_call` (the legacy optimizer wraps it in a
+  `functools.partial` carrying `apply_state`); that call is where GBA takes
+  over.
   """
+  while isinstance(merge_fn, functools.partial):
+    merge_fn = merge_fn.func
   if getattr(merge_fn, "__name__", None) not in _APPLY_GRADIENTS_MERGE_FNS:
     return None
   optimizer = getattr(merge_fn, "__self__", None)

@@ -122,6 +122,9 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
       part of checkpoints.
     * Only tf_keras optimizers (new and legacy) are intercepted; a custom
       loop that updates variables itself (`var.assign_sub`) bypasses GBA.
+      Prefer the new optimizers: the legacy ones evaluate a learning-rate
+      schedule when the local step starts (possibly one global step early
+      under contention) and lose slots of sharded variables in checkpoints.
     * Decoupled weight decay (`weight_decay=`, AdamW) is applied once per
       global step, at apply time.
   """

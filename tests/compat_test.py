@@ -4,6 +4,8 @@ If TensorFlow moves one of them, this file says which, before any cluster
 test hangs or trains silently without GBA.
 """
 
+import functools
+
 import gba_tf  # noqa: F401
 import tensorflow as tf
 from tf_keras.src.optimizers import optimizer as keras_optimizer
@@ -28,6 +30,9 @@ class CompatTest(tf.test.TestCase):
     fn = optimizer._distributed_apply_gradients_fn  # pylint: disable=protected-access
     self.assertIs(compat.optimizer_of_merge_fn(fn), optimizer)
     self.assertIsNone(compat.optimizer_of_merge_fn(lambda s: s))
+    legacy = tf.keras.optimizers.legacy.SGD(0.1)
+    partial = functools.partial(legacy._distributed_apply, apply_state={})  # pylint: disable=protected-access
+    self.assertIs(compat.optimizer_of_merge_fn(partial), legacy)
     self.assertTrue(hasattr(optimizer, "_compute_current_learning_rate"))
 
   def test_data_sleep(self):

@@ -209,6 +209,22 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
                      (40, 40, 10))
     self.assertTrue(all(n > 0 for n in m["worker_pushed"]))
 
+  def test_legacy_optimizer_is_aggregated_too(self):
+    # The legacy optimizer_v2 reaches merge_call through functools.partial;
+    # it must not bypass GBA. M = 2, SGD lr = 1: after F1, F2 the change is
+    # -(F1 + F2) / 2, exactly as with the new optimizer above.
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: tf.keras.optimizers.legacy.SGD(1.0))
+    h.run(F1)
+    self.assertAllClose(h.w.numpy(), [0.0, 0.0])  # pending, not applied
+    h.run(F2)
+    (w1, e1), (w2, e2) = _np_grads(*F1), _np_grads(*F2)
+    self.assertAllClose(h.params(), (-(w1 + w2) / 2, -(e1 + e2) / 2))
+    self.assertEqual(h.optimizer.iterations.numpy(), 1)
+    self.assertEqual(strategy.gba_metrics()["global_steps"], 1)
+
   def test_weight_decay_once_per_global_step(self):
     # Decoupled weight decay is part of the optimizer step: with zero
     # gradients, lr = 1 and weight_decay = 0.1, 4 local steps with M = 2 are
