@@ -141,6 +141,8 @@ class GradientAggregator:
       with tf.init_scope(), self._extended.colocate_vars_with(var):
         slot = (_SparseSlot(var) if isinstance(grad, tf.IndexedSlices)
                 else _DenseSlot(var))
+      # Keep `var` alive with its slot: a key of a dead variable's id could
+      # otherwise be reused by a new variable and find the wrong slot.
       self._slots[key] = (slot, var)
     return self._slots[key][0]
 
