@@ -14,6 +14,7 @@ Example:
 """
 
 import dataclasses
+import functools
 from typing import Tuple
 
 import numpy as np
@@ -58,7 +59,9 @@ class SyntheticCTR:
   def vocab_size(self) -> int:
     return self.num_fields * self.vocab_per_field
 
+  @functools.cached_property
   def _hidden(self):
+    # Drawn once per instance: every sample() and logits() call uses it.
     rng = np.random.default_rng(self.seed)
     weights = rng.normal(0.0, 0.6, self.vocab_size)
     factors = rng.normal(0.0, 0.35, (self.vocab_size, self.factor_dim))
@@ -71,7 +74,7 @@ class SyntheticCTR:
 
   def logits(self, ids: np.ndarray) -> np.ndarray:
     """Hidden model: bias + sum of id weights + FM pairwise interactions."""
-    weights, factors = self._hidden()
+    weights, factors = self._hidden
     v = factors[ids]                                   # [n, F, k]
     pairwise = 0.5 * ((v.sum(1) ** 2) - (v ** 2).sum(1)).sum(1)
     return -0.5 + weights[ids].sum(1) + pairwise
@@ -95,16 +98,11 @@ class SyntheticCTR:
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   """ROC AUC by the rank-sum formula (ties get average ranks)."""
   labels = np.asarray(labels).ravel()
-  order = np.argsort(scores, kind="mergesort")
-  ranks = np.empty(len(order), np.float64)
-  sorted_scores = np.asarray(scores).ravel()[order]
-  ranks[order] = np.arange(1, len(order) + 1)
-  # Average ranks over ties.
-  _, start, counts = np.unique(sorted_scores, return_index=True,
-                               return_counts=True)
-  for s, c in zip(start, counts):
-    if c > 1:
-      ranks[order[s:s + c]] = s + (c + 1) / 2.0
+  _, inverse, counts = np.unique(np.asarray(scores).ravel(),
+                                 return_inverse=True, return_counts=True)
+  # 1-based rank of each distinct score, averaged over its ties.
+  last = np.cumsum(counts)
+  ranks = (last - (counts - 1) / 2.0)[inverse]
   pos = labels > 0.5
   n_pos, n_neg = pos.sum(), (~pos).sum()
   if n_pos == 0 or n_neg == 0:
