@@ -44,12 +44,12 @@ def define_flags():
 
 def _copy_to_local(model, data):
   """Moves trained (sharded) weights to this process via a checkpoint."""
-  path = os.path.join(tempfile.mkdtemp(prefix="gba_demo_"), "ckpt")
-  tf.train.Checkpoint(model=model).write(path)
   local = models.embedding_mlp(data.num_fields, data.vocab_size)
-  # expect_partial: the checkpoint also holds the optimizer, not needed here.
-  tf.train.Checkpoint(model=local).read(path).expect_partial(
-  ).assert_existing_objects_matched()
+  with tempfile.TemporaryDirectory(prefix="gba_demo_") as tmp:
+    path = tf.train.Checkpoint(model=model).write(os.path.join(tmp, "ckpt"))
+    # expect_partial: the checkpoint also holds the optimizer, not needed.
+    tf.train.Checkpoint(model=local).read(path).expect_partial(
+    ).assert_existing_objects_matched()
   return local
 
 
