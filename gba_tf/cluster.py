@@ -19,6 +19,7 @@ with gba_tf.cluster.LocalCluster(num_workers=2, num_ps=1) as cluster:
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -36,6 +37,110 @@ _HOST = "localhost"
 _STARTUP_TIMEOUT_S = 60.0
 # Grace period between SIGTERM and SIGKILL when tearing a cluster down.
 _TERMINATE_GRACE_S = 5.0
+
+
+TASK_TYPES = ("chief", "worker", "ps")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """A validated TF_CONFIG: the cluster and this process's task.
+
+  Attributes:
+    cluster: job name -> list of "host:port".
+    task_type: "chief", "worker" or "ps"; None without TF_CONFIG.
+    task_index: index of this task within its job.
+  """
+  cluster: Dict[str, List[str]]
+  task_type: Optional[str]
+  task_index: int
+
+  @property
+  def num_workers(self) -> int:
+    return len(self.cluster.get("worker", []))
+
+  @property
+  def is_chief(self) -> bool:
+    """The chief, or worker 0 of a cluster without one (sync mode)."""
+    if "chief" in self.cluster:
+      return self.task_type == "chief"
+    return self.task_type in (None, "worker") and self.task_index == 0
+
+
+def parse_tf_config(text: Optional[str], mode: str) -> TaskConfig:
+  """Parses and validates TF_CONFIG for a training mode.
+
+  Args:
+    text: the TF_CONFIG JSON, or None / "" when unset.
+    mode: "sync" (MultiWorkerMirroredStrategy: worker tasks, optionally one
+      chief, no ps) or "gba" / "async" (one chief, >= 1 worker, >= 1 ps).
+
+  Returns:
+    A `TaskConfig`; without TF_CONFIG in sync mode, a single local worker.
+
+  Raises:
+    ValueError: naming the bad value.
+  """
+  if not text:
+    if mode == "sync":
+      return TaskConfig({}, None, 0)
+    raise ValueError(f"Received: TF_CONFIG unset; --mode={mode} needs a "
+                     "cluster with chief, worker and ps tasks.")
+  try:
+    parsed = json.loads(text)
+  except json.JSONDecodeError as e:
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    raise ValueError(f"Received: TF_CONFIG={shown!r}, which is not valid "
+                     f"JSON ({e.msg} at char {e.pos}).") from None
+  if not isinstance(parsed, dict) or not isinstance(
+      parsed.get("cluster"), dict) or not isinstance(parsed.get("task"),
+                                                      dict):
+    raise ValueError("Received: TF_CONFIG without a 'cluster' object and a "
+                     "'task' object.")
+  cluster = parsed["cluster"]
+  for job, addresses in cluster.items():
+    if job not in TASK_TYPES:
+      raise ValueError(f"Received: TF_CONFIG cluster job {job!r}, which is "
+                       f"not one of {TASK_TYPES}.")
+    if not isinstance(addresses, list) or not addresses or not all(
+        isinstance(a, str) and a.rpartition(":")[2].isdigit()
+        for a in addresses):
+      raise ValueError(f"Received: TF_CONFIG cluster[{job!r}]={addresses!r}"
+                       ", which is not a non-empty list of 'host:port'.")
+  task_type = parsed["task"].get("type")
+  task_index = parsed["task"].get("index", 0)
+  if task_type not in TASK_TYPES:
+    raise ValueError(f"Received: TF_CONFIG task type {task_type!r}, which "
+                     f"is not one of {TASK_TYPES}.")
+  if task_type not in cluster:
+    raise ValueError(f"Received: TF_CONFIG task type {task_type!r}, which "
+                     "has no entry in the cluster.")
+  if isinstance(task_index, bool) or not isinstance(task_index, int) or not (
+      0 <= task_index < len(cluster[task_type])):
+    raise ValueError(f"Received: TF_CONFIG task index {task_index!r} for "
+                     f"{task_type!r}, but the cluster has "
+                     f"{len(cluster[task_type])} {task_type} task(s).")
+  if "worker" not in cluster and "chief" not in cluster:
+    raise ValueError("Received: TF_CONFIG cluster with no 'worker' tasks.")
+  if mode == "sync":
+    if "ps" in cluster:
+      raise ValueError(
+          f"Received: TF_CONFIG cluster with {len(cluster['ps'])} 'ps' "
+          "task(s); --mode=sync runs MultiWorkerMirroredStrategy, which "
+          "takes none.")
+    if len(cluster.get("chief", [])) > 1:
+      raise ValueError("Received: TF_CONFIG with more than one 'chief'.")
+  else:
+    if "ps" not in cluster:
+      raise ValueError(f"Received: TF_CONFIG cluster with no 'ps' tasks; "
+                       f"--mode={mode} needs at least one.")
+    if len(cluster.get("chief", [])) != 1:
+      raise ValueError(f"Received: TF_CONFIG cluster with "
+                       f"{len(cluster.get('chief', []))} 'chief' tasks; "
+                       f"--mode={mode} needs exactly one coordinator.")
+    if "worker" not in cluster:
+      raise ValueError("Received: TF_CONFIG cluster with no 'worker' tasks.")
+  return TaskConfig(cluster, task_type, task_index)
 
 
 def pick_unused_ports(count: int) -> List[int]:

@@ -82,3 +82,14 @@ def replace_extended(strategy: Any, extended: Any) -> None:
 
 def inside_function() -> bool:
   return ops.inside_function()
+
+
+def disable_get_next_as_optional(strategy: Any) -> None:
+  """Makes MultiWorkerMirroredStrategy's input iterators skip a barrier.
+
+  By default every `get_next` all-reduces "has data" across workers, so that
+  a finite dataset ends on all workers at once. That barrier makes each
+  worker wait for the slowest worker's input pipeline *before* computing,
+  which hides who is slow. Only for datasets that repeat forever.
+  """
+  strategy.extended.experimental_enable_get_next_as_optional = False

@@ -2,8 +2,12 @@
 
 Importing this module defines nothing; a binary calls `define_flags()` and
 then `app.run(main)`. Every flag is optional; a binary may change defaults
-with `flags.FLAGS.set_default`.
+with `flags.FLAGS.set_default`. Flagfiles in `configs/` set them in bulk:
+
+  python scripts/train.py --flagfile=configs/local_gba.cfg --mode=sync
 """
+
+from typing import Tuple
 
 from absl import flags
 
@@ -11,27 +15,106 @@ from gba_tf import config as config_lib
 
 FLAGS = flags.FLAGS
 
+MODES = ("gba", "sync", "async", "auto")
+
 
 def define_flags() -> None:
-  """Defines the cluster, batch and straggler flags."""
-  flags.DEFINE_integer("workers", 4, "Worker processes of the local cluster.")
-  flags.DEFINE_integer("ps", 2, "Parameter server processes.")
+  """Defines the cluster, batch, training, straggler and switching flags."""
+  # Cluster and batch.
+  flags.DEFINE_enum(
+      "mode", "gba", MODES,
+      "gba: Global Batch gradients Aggregation over parameter servers. "
+      "sync: MultiWorkerMirroredStrategy all-reduce. async: plain "
+      "ParameterServerStrategy with the same hyper-parameters. auto: start "
+      "in sync, switch to gba while stragglers persist and back when healthy.")
+  flags.DEFINE_integer("workers", 4, "Worker tasks.")
+  flags.DEFINE_integer("ps", 2, "Parameter server tasks (gba and async).")
   flags.DEFINE_integer("local_batch_size", 256, "Samples per local step.")
   flags.DEFINE_integer(
       "global_batch_size", None,
       "Samples per optimizer step (the synchronous global batch); default "
-      "workers * local_batch_size.")
+      "workers * local_batch_size. Sync mode splits it evenly over workers.")
+  # Training.
+  flags.DEFINE_string(
+      "model_dir", None,
+      "Checkpoints, the resolved config, switch history and results; "
+      "default a new temporary directory.")
+  flags.DEFINE_integer("train_steps", 200,
+                       "Optimizer steps (global batches) to train.")
+  flags.DEFINE_integer(
+      "steps_per_loop", 20,
+      "Optimizer steps per Keras epoch: the progress-log and backup "
+      "interval.")
+  flags.DEFINE_enum("optimizer", "adagrad", ("adagrad", "adam", "sgd"),
+                    "Optimizer (tf_keras, new API).")
+  flags.DEFINE_float("learning_rate", 0.1, "Learning rate (as tuned for "
+                     "sync; gba and async reuse it unchanged).")
+  flags.DEFINE_integer("embedding_dim", 8, "Embedding width.")
+  flags.DEFINE_integer("train_examples", 100_000,
+                       "Distinct synthetic training examples (repeated).")
+  flags.DEFINE_integer("test_examples", 20_000, "Held-out examples.")
+  flags.DEFINE_integer("seed", 0, "Seed of the data and the model.")
+  # GBA staleness policy (see gba_tf.config.GBAConfig).
+  flags.DEFINE_integer("staleness_threshold", None,
+                       "Gradients this stale or fresher count fully.")
+  flags.DEFINE_enum("decay", None, ("none", "exponential", "inverse"),
+                    "Weight of gradients past the threshold.")
+  flags.DEFINE_float("decay_rate", None, "Parameter of the decay.")
+  flags.DEFINE_integer("max_staleness", None,
+                       "Gradients staler than this are dropped.")
+  # Straggler emulation.
   flags.DEFINE_float(
       "step_ms", 0.0,
       "Emulated compute per local step (a sleep in the input pipeline), so "
       "that a 2-core machine can host many workers; 0 for none.")
-  flags.DEFINE_integer("straggler", -1, "Index of a slow worker; -1 none.")
-  flags.DEFINE_float("slowdown", 4.0,
-                     "The straggler takes this many times step_ms.")
+  flags.DEFINE_string(
+      "straggler", "",
+      "INDEX:SLOWDOWN, e.g. 1:4 = worker 1 at a quarter of the speed; "
+      "empty for none.")
+  flags.DEFINE_float(
+      "straggler_seconds", 0.0,
+      "The straggler recovers this many seconds after launch; 0 = never. "
+      "The launcher turns it into --straggler_until.")
+  flags.DEFINE_float(
+      "straggler_until", 0.0,
+      "Unix time at which the straggler recovers; 0 = never. Set by "
+      "scripts/launch_local.py.")
+  # Health monitor and switching.
+  flags.DEFINE_integer("health_check_steps", 5,
+                       "Optimizer steps between two health checks.")
+  flags.DEFINE_integer(
+      "health_window", 3,
+      "Consecutive checks that must agree before the health state (and, in "
+      "auto mode, the training mode) changes.")
+  flags.DEFINE_float("health_slow_ratio", 2.0,
+                     "A worker this many times slower than its peers' "
+                     "median step time is a straggler.")
 
 
-def gba_config_from_flags() -> config_lib.GBAConfig:
-  global_batch = FLAGS.global_batch_size or (
-      FLAGS.workers * FLAGS.local_batch_size)
+def parse_straggler(spec: str) -> Tuple[int, float]:
+  """`"1:4"` -> `(1, 4.0)`; `""` -> `(-1, 1.0)` (no straggler)."""
+  if not spec:
+    return -1, 1.0
+  try:
+    index, slowdown = spec.split(":")
+    index, slowdown = int(index), float(slowdown)
+  except ValueError:
+    raise ValueError(f"Received: straggler={spec!r}, which is not "
+                     "INDEX:SLOWDOWN (e.g. 1:4).") from None
+  if index < 0 or not slowdown >= 1.0:
+    raise ValueError(f"Received: straggler={spec!r}; need INDEX >= 0 and "
+                     "SLOWDOWN >= 1.")
+  return index, slowdown
+
+
+def gba_config_from_flags(num_workers=None) -> config_lib.GBAConfig:
+  workers = num_workers or FLAGS.workers
+  global_batch = FLAGS.global_batch_size or (workers * FLAGS.local_batch_size)
+  overrides = {
+      name: FLAGS[name].value
+      for name in ("staleness_threshold", "decay", "decay_rate",
+                   "max_staleness")
+      if FLAGS[name].value is not None}
   return config_lib.GBAConfig(global_batch_size=global_batch,
-                              local_batch_size=FLAGS.local_batch_size)
+                              local_batch_size=FLAGS.local_batch_size,
+                              **overrides)

@@ -39,7 +39,7 @@ def define_flags():
   # Worker 1 at a quarter of the speed; 50 ms of emulated compute makes the
   # difference visible on 2 cores shared by 7 processes.
   FLAGS.set_default("step_ms", 50.0)
-  FLAGS.set_default("straggler", 1)
+  FLAGS.set_default("straggler", "1:4")
 
 
 def _copy_to_local(model, data):
@@ -56,12 +56,13 @@ def _copy_to_local(model, data):
 def main(argv):
   del argv
   config = gba_flags.gba_config_from_flags()
+  slow_worker, slowdown = gba_flags.parse_straggler(FLAGS.straggler)
   data = synthetic.SyntheticCTR()
   train_ids, train_labels = data.sample(
       FLAGS.epochs * FLAGS.steps_per_epoch * FLAGS.local_batch_size, seed=1)
   test_ids, test_labels = data.sample(20_000, seed=3)
   print(f"GBA demo: {FLAGS.workers} workers + {FLAGS.ps} PS on localhost; "
-        f"worker {FLAGS.straggler} at 1/{FLAGS.slowdown:g} speed; "
+        f"worker {slow_worker} at 1/{slowdown:g} speed; "
         f"M = {config.num_aggregate} local batches of "
         f"{config.local_batch_size} per optimizer step.", flush=True)
 
@@ -77,7 +78,7 @@ def main(argv):
 
     dataset_fn = synthetic.dataset_fn(
         train_ids, train_labels, FLAGS.local_batch_size, FLAGS.step_ms,
-        FLAGS.straggler, FLAGS.slowdown, shuffle_seed=0)
+        slow_worker, slowdown, shuffle_seed=0)
 
     start = time.perf_counter()
     history = model.fit(
@@ -95,7 +96,7 @@ def main(argv):
   summary = {
       "config": config.get_config(),
       "workers": FLAGS.workers, "ps": FLAGS.ps,
-      "straggler": FLAGS.straggler, "slowdown": FLAGS.slowdown,
+      "straggler": slow_worker, "slowdown": slowdown,
       "seconds": seconds, "local_steps": local_steps,
       "samples_per_s": local_steps * FLAGS.local_batch_size / seconds,
       "loss": history.history["loss"],
@@ -120,7 +121,7 @@ def main(argv):
         " ".join(f"{t}:{n}" for t, n in enumerate(hist[:last + 1])))
   for i, (n, s) in enumerate(zip(metrics["worker_pushed"],
                                  metrics["worker_mean_step_seconds"])):
-    tag = "  <- straggler" if i == FLAGS.straggler else ""
+    tag = "  <- straggler" if i == slow_worker else ""
     print(f"worker {i}             {n:5d} gradients, "
           f"{1000 * s:6.1f} ms token-to-push{tag}")
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)

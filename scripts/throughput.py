@@ -60,8 +60,9 @@ def run_once(mode, cluster, data, ids, labels, config):
                   tf.keras.losses.BinaryCrossentropy(from_logits=True))
 
   dataset_fn = synthetic.dataset_fn(ids, labels, FLAGS.local_batch_size,
-                                    FLAGS.step_ms, FLAGS.straggler,
-                                    FLAGS.slowdown)
+                                    FLAGS.step_ms,
+                                    *gba_flags.parse_straggler(
+                                        FLAGS.straggler))
   creator = tf.keras.utils.experimental.DatasetCreator(dataset_fn)
   model.fit(creator, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
   start = time.perf_counter()
@@ -114,7 +115,7 @@ def main(argv):
   with open(FLAGS.out, "w") as f:
     json.dump({"flags": {k: FLAGS[k].value for k in (
         "workers", "ps", "local_batch_size", "steps", "warmup_steps",
-        "repeats", "step_ms", "straggler", "slowdown")},
+        "repeats", "step_ms", "straggler")},
                "global_batch_size": config.global_batch_size, "summary": summary,
                "runs": rows}, f, indent=2)
   print(f"wrote {FLAGS.out}")

@@ -29,7 +29,7 @@ class LocalClusterTest(tf.test.TestCase):
     proc = subprocess.run(
         [sys.executable, os.path.join(_ROOT, "scripts", "demo.py"),
          "--workers=2", "--ps=1", "--epochs=2", "--steps_per_epoch=40",
-         "--step_ms=20", "--straggler=1", "--slowdown=4", f"--out={out}"],
+         "--step_ms=20", "--straggler=1:4", f"--out={out}"],
         cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     with open(out) as f:

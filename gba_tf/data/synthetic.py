@@ -15,7 +15,7 @@ Example:
 
 import dataclasses
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -112,35 +112,68 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
                step_ms: float = 0.0, slow_worker: int = -1,
-               slowdown: float = 1.0, shuffle_seed=None):
+               slowdown: float = 1.0, shuffle_seed=None, *,
+               num_shards: int = 1, straggler_until: float = 0.0,
+               global_batch_size: Optional[int] = None):
   """A `dataset_fn` for `DatasetCreator` / per-worker datasets.
 
-  Repeats `(ids, labels[:, None])` in local batches, optionally shuffled,
-  with the emulated compute of `with_straggler` as the last stage.
+  Repeats `(ids, labels[:, None])` in batches, optionally shuffled, with the
+  emulated compute of `with_straggler` as the last stage. With
+  `num_shards > 1` worker `i` reads shard `i`, in both modes: the worker
+  index comes from ClusterCoordinator (PS modes) or from
+  `input_context.input_pipeline_id` (MultiWorkerMirroredStrategy).
+
+  With `global_batch_size` the batch is the per-replica share that
+  `input_context` computes (MultiWorkerMirroredStrategy: global / workers);
+  otherwise `local_batch_size`.
   """
   labels = np.asarray(labels, np.float32).reshape(-1, 1)
 
   def fn(input_context=None):
-    del input_context
+    index = worker_index(input_context)
+    batch = local_batch_size
+    if global_batch_size is not None and input_context is not None:
+      batch = input_context.get_per_replica_batch_size(global_batch_size)
     ds = tf.data.Dataset.from_tensor_slices((ids, labels))
+    if num_shards > 1:
+      ds = ds.shard(num_shards, tf.maximum(tf.cast(index, tf.int64), 0))
     if shuffle_seed is not None:
       ds = ds.shuffle(8192, seed=shuffle_seed)
-    ds = ds.repeat().batch(local_batch_size).prefetch(2)
-    return with_straggler(ds, step_ms, slow_worker, slowdown)
+    ds = ds.repeat().batch(batch, drop_remainder=True).prefetch(2)
+    return with_straggler(ds, step_ms, slow_worker, slowdown,
+                          until=straggler_until, index=index)
 
   return fn
 
 
+def worker_index(input_context=None):
+  """This worker's index inside a `dataset_fn`, as a tensor (-1: unknown).
+
+  ParameterServerStrategy traces the `dataset_fn` once for all workers and
+  passes `input_pipeline_id == 0` to each: the index is bound at run time by
+  ClusterCoordinator. MultiWorkerMirroredStrategy calls it in each worker
+  process with its own `input_pipeline_id`.
+  """
+  try:
+    return tf.cast(
+        tf.distribute.coordinator.experimental_get_current_worker_index(),
+        tf.int64)
+  except (RuntimeError, ValueError):
+    if input_context is not None and input_context.num_input_pipelines > 1:
+      return tf.constant(input_context.input_pipeline_id, tf.int64)
+    return tf.constant(-1, tf.int64)
+
+
 def with_straggler(dataset: tf.data.Dataset, step_ms: float,
-                   slow_worker: int = -1, slowdown: float = 1.0):
+                   slow_worker: int = -1, slowdown: float = 1.0,
+                   until: float = 0.0, index=None):
   """Emulates per-step compute time, with one worker `slowdown` times slower.
 
   On a machine with fewer cores than workers, real compute would make all
   workers contend for the same cores; a sleep per batch gives every worker
   its own "compute" instead, so adding workers adds throughput as on a real
   cluster. Call inside a `dataset_fn`: the slow worker is chosen by the
-  runtime worker index, which ClusterCoordinator binds per worker (the
-  `input_context.input_pipeline_id` is 0 on every PS worker).
+  runtime worker index (see `worker_index`).
 
   Apply it as the *last* stage: a `prefetch` after it would overlap the
   sleep with the training step and hide the slowdown.
@@ -151,20 +184,33 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
     slow_worker: worker index that runs slow; -1 for none.
     slowdown: the slow worker takes `slowdown * step_ms` per batch
       (4.0 = a quarter of the speed).
+    until: Unix time after which the straggler recovers (checked per batch
+      on the worker's clock); 0 for never.
+    index: this worker's index tensor; default `worker_index()`.
   """
   if step_ms < 0 or slowdown < 1.0:
     raise ValueError(f"Received: step_ms={step_ms}, slowdown={slowdown}; "
                      "need step_ms >= 0 and slowdown >= 1.")
-  if step_ms == 0:
-    return dataset
-  try:
-    index = tf.distribute.coordinator.experimental_get_current_worker_index()
-  except RuntimeError:  # outside a cluster (a single process): not slowed
-    index = tf.constant(-2)
-  micros = tf.where(tf.equal(tf.cast(index, tf.int64), slow_worker),
-                    tf.constant(int(step_ms * slowdown * 1000), tf.int64),
-                    tf.constant(int(step_ms * 1000), tf.int64))
-  dataset = dataset.apply(compat.data_sleep(micros))
+  if step_ms > 0:
+    dataset = dataset.apply(compat.data_sleep(int(step_ms * 1000)))
+  extra_us = int(step_ms * (slowdown - 1.0) * 1000)
+  if slow_worker >= 0 and extra_us > 0:
+    if index is None:
+      index = worker_index()
+    is_slow = tf.equal(tf.cast(index, tf.int64), slow_worker)
+
+    def slow_now(_):
+      still = tf.constant(True) if not until else tf.timestamp() < until
+      return tf.cast(tf.logical_and(is_slow, still), tf.int64)
+
+    # The extra sleep sits in a second stream that is only pulled from while
+    # the worker is slow: the sleep op's duration is fixed when the
+    # iterator is built, but a choice made per batch can end it.
+    endless = tf.data.Dataset.range(2**62)
+    ticks = tf.data.Dataset.choose_from_datasets(
+        [endless, endless.apply(compat.data_sleep(extra_us))],
+        endless.map(slow_now))
+    dataset = tf.data.Dataset.zip((dataset, ticks)).map(lambda d, _: d)
   # tf.data would otherwise inject a prefetch after the sleep (see above).
   options = tf.data.Options()
   options.experimental_optimization.inject_prefetch = False

@@ -1,0 +1,379 @@
+"""The training job behind `scripts/train.py`: one program, every task and mode.
+
+Every task of a cluster runs the same binary; TF_CONFIG gives its role:
+
+| mode        | chief                         | worker                 | ps     |
+|-------------|-------------------------------|------------------------|--------|
+| gba / async | coordinates `model.fit`       | `tf.distribute.Server` | Server |
+| sync        | (optional) a replica, as below| MultiWorkerMirrored replica | -  |
+
+In sync mode the chief's duties (writing checkpoints, the switch state and
+the results) fall to worker 0 when the cluster has no chief.
+
+The same `JobConfig` means the same optimization in every mode (DESIGN.md
+invariant 5): `train_steps` optimizer steps of `global_batch_size` samples
+each. Sync splits the global batch evenly over the workers; GBA aggregates
+`M = global / local` local gradients per step and runs `M * train_steps`
+local steps; async applies each of those local steps on its own.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from gba_tf import checkpoints
+from gba_tf import compat
+from gba_tf import cluster as cluster_lib
+from gba_tf import config as config_lib
+from gba_tf import flags as gba_flags
+from gba_tf import health
+from gba_tf import models
+from gba_tf import strategy as strategy_lib
+from gba_tf import switching
+from gba_tf.data import synthetic
+
+_OPTIMIZERS = {
+    "adagrad": tf.keras.optimizers.Adagrad,
+    "adam": tf.keras.optimizers.Adam,
+    "sgd": tf.keras.optimizers.SGD,
+}
+# Test examples scored per predict() batch in the final evaluation.
+_EVAL_BATCH = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+  """Everything one training job needs, resolved from flags and TF_CONFIG.
+
+  Attributes mirror the flags of `gba_tf.flags.define_flags` (see their
+  help); `mode` is the mode this process runs ("auto" already resolved to
+  "sync" or "gba"), `auto` whether switching is on, and `gba` the resolved
+  `GBAConfig`.
+  """
+  mode: str
+  auto: bool
+  model_dir: str
+  num_workers: int
+  num_ps: int
+  gba: config_lib.GBAConfig
+  train_steps: int
+  steps_per_loop: int
+  optimizer: str
+  learning_rate: float
+  embedding_dim: int
+  train_examples: int
+  test_examples: int
+  seed: int
+  step_ms: float
+  slow_worker: int
+  slowdown: float
+  straggler_until: float
+  health_check_steps: int
+  health_window: int
+  health_slow_ratio: float
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.gba.global_batch_size
+
+  @property
+  def local_batch_size(self) -> int:
+    return self.gba.local_batch_size
+
+  def to_dict(self) -> Dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["gba"] = self.gba.get_config()
+    return out
+
+
+def _positive(name: str, value) -> None:
+  if value is None or value <= 0:
+    raise ValueError(f"Received: --{name}={value}, which must be > 0.")
+
+
+def config_from_flags(task: cluster_lib.TaskConfig,
+                      mode: str) -> JobConfig:
+  """Validates the flags against TF_CONFIG; raises ValueError naming a value."""
+  f = gba_flags.FLAGS
+  for name in ("workers", "local_batch_size", "train_steps",
+               "steps_per_loop", "learning_rate", "embedding_dim",
+               "train_examples", "test_examples", "health_check_steps",
+               "health_window", "health_slow_ratio"):
+    _positive(name, f[name].value)
+  if f.ps < 0:
+    raise ValueError(f"Received: --ps={f.ps}, which must be >= 0.")
+  if f.step_ms < 0:
+    raise ValueError(f"Received: --step_ms={f.step_ms}, which must be >= 0.")
+  slow_worker, slowdown = gba_flags.parse_straggler(f.straggler)
+  workers = f.workers
+  if task.task_type is not None:
+    in_cluster = task.num_workers + (
+        len(task.cluster.get("chief", [])) if mode == "sync" else 0)
+    if f["workers"].present and f.workers != in_cluster:
+      raise ValueError(f"Received: --workers={f.workers}, but TF_CONFIG has "
+                       f"{in_cluster} worker task(s).")
+    workers = in_cluster
+  elif mode != "sync":
+    raise ValueError(f"Received: --mode={mode} without TF_CONFIG.")
+  else:
+    workers = 1
+  if slow_worker >= workers:
+    raise ValueError(f"Received: --straggler={f.straggler}, but there are "
+                     f"only {workers} workers.")
+  gba_config = gba_flags.gba_config_from_flags(num_workers=workers)
+  if mode == "sync" and gba_config.global_batch_size % workers:
+    raise ValueError(
+        f"Received: global_batch_size={gba_config.global_batch_size}, which "
+        f"is not a multiple of the {workers} sync workers.")
+  model_dir = f.model_dir or tempfile.mkdtemp(prefix="gba_train_")
+  return JobConfig(
+      mode=mode, auto=f.mode == "auto", model_dir=model_dir,
+      num_workers=workers, num_ps=len(task.cluster.get("ps", [])),
+      gba=gba_config, train_steps=f.train_steps,
+      steps_per_loop=f.steps_per_loop, optimizer=f.optimizer,
+      learning_rate=f.learning_rate, embedding_dim=f.embedding_dim,
+      train_examples=f.train_examples, test_examples=f.test_examples,
+      seed=f.seed, step_ms=f.step_ms, slow_worker=slow_worker,
+      slowdown=slowdown, straggler_until=f.straggler_until,
+      health_check_steps=f.health_check_steps,
+      health_window=f.health_window,
+      health_slow_ratio=f.health_slow_ratio)
+
+
+class _StopAfterBatches(tf.keras.callbacks.Callback):
+  """Stops `fit` after exactly `total` batches, counted across epochs.
+
+  Counting from the epoch number keeps the total right when
+  `BackupAndRestore` resumes `fit` at a later epoch.
+  """
+
+  def __init__(self, total: int, steps_per_epoch: int):
+    super().__init__()
+    # Reads no logs: allowed as a batch-level callback under PSS.
+    self._supports_tf_logs = True
+    self.total = total
+    self.steps_per_epoch = steps_per_epoch
+    self._epoch = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self._epoch * self.steps_per_epoch + batch + 1 >= self.total:
+      self.model.stop_training = True
+
+
+def _log(message: str) -> None:
+  print(message, flush=True)
+
+
+class Job:
+  """One process of a training job. Not thread-safe."""
+
+  def __init__(self, config: JobConfig, task: cluster_lib.TaskConfig):
+    self.config = config
+    self.task = task
+    self.data = synthetic.SyntheticCTR(seed=config.seed)
+
+  # -- model and data -------------------------------------------------------
+
+  def _model_and_optimizer(self):
+    model = models.embedding_mlp(self.data.num_fields, self.data.vocab_size,
+                                 embedding_dim=self.config.embedding_dim,
+                                 seed=self.config.seed)
+    optimizer = _OPTIMIZERS[self.config.optimizer](self.config.learning_rate)
+    return model, optimizer
+
+  def _dataset_fn(self, sync: bool):
+    ids, labels = self.data.sample(self.config.train_examples, seed=1)
+    return synthetic.dataset_fn(
+        ids, labels, self.config.local_batch_size, self.config.step_ms,
+        self.config.slow_worker, self.config.slowdown,
+        shuffle_seed=self.config.seed, num_shards=self.config.num_workers,
+        straggler_until=self.config.straggler_until,
+        global_batch_size=self.config.global_batch_size if sync else None)
+
+  # -- phases -----------------------------------------------------------------
+
+  def run(self) -> int:
+    if self.config.mode in ("gba", "async") and self.task.task_type in (
+        "worker", "ps"):
+      cluster_lib.run_server(self.task.task_type, self.task.task_index)
+      return 0
+    if self.task.is_chief:
+      os.makedirs(self.config.model_dir, exist_ok=True)
+      with open(os.path.join(self.config.model_dir,
+                             f"config-{self.config.mode}.json"), "w") as f:
+        json.dump(self.config.to_dict(), f, indent=2)
+    if self.config.mode == "sync":
+      return self._train(self._sync_strategy(), sync=True)
+    return self._train(self._ps_strategy(), sync=False)
+
+  def _sync_strategy(self):
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver)
+    # The training data repeats forever; without this every get_next waits
+    # for the slowest worker and the health monitor sees equal step times.
+    compat.disable_get_next_as_optional(strategy)
+    return strategy
+
+  def _ps_strategy(self):
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    partitioner = (
+        tf.distribute.experimental.partitioners.FixedShardsPartitioner(
+            self.config.num_ps))
+    if self.config.mode == "async":
+      return tf.distribute.experimental.ParameterServerStrategy(
+          resolver, partitioner)
+    return strategy_lib.GBAStrategy(resolver, self.config.gba, partitioner)
+
+  def _train(self, strategy, sync: bool) -> int:
+    c = self.config
+    ckpt_dir = os.path.join(c.model_dir, "ckpt")
+    # Local steps per optimizer step: 1 in sync (a step is the global
+    # batch), M in GBA, and async runs GBA's local steps one by one.
+    local_per_step = 1 if sync else c.gba.num_aggregate
+    with strategy.scope():
+      model, optimizer = self._model_and_optimizer()
+      if sync:
+        health.timed_train_step(model, strategy)
+      model.compile(optimizer,
+                    tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                    metrics=[tf.keras.metrics.AUC(from_logits=True,
+                                                  name="auc")])
+      restored = checkpoints.restore_latest(ckpt_dir, model, optimizer)
+    if c.mode == "async":
+      done_local = restored
+      remaining_local = c.train_steps * c.gba.num_aggregate - done_local
+    else:
+      remaining_local = (c.train_steps - restored) * local_per_step
+    start_step = restored
+    _log(f"[job] mode={c.mode} workers={c.num_workers} ps={c.num_ps} "
+         f"global_batch={c.global_batch_size} "
+         f"local_batch={c.local_batch_size} restored_step={restored} "
+         f"remaining_local_steps={max(remaining_local, 0)} "
+         f"model_dir={c.model_dir}")
+
+    seconds = 0.0
+    health_cb = None
+    if remaining_local > 0:
+      steps_per_epoch = c.steps_per_loop * local_per_step
+      epochs = math.ceil(remaining_local / steps_per_epoch)
+      health_cb = self._health_callback(strategy, sync, local_per_step)
+      callbacks = [
+          _StopAfterBatches(remaining_local, steps_per_epoch),
+          tf.keras.callbacks.BackupAndRestore(
+              os.path.join(c.model_dir, f"backup-{c.mode}")),
+      ]
+      if health_cb is not None:
+        callbacks.append(health_cb)
+      start = time.perf_counter()
+      model.fit(
+          tf.keras.utils.experimental.DatasetCreator(self._dataset_fn(sync)),
+          epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+          verbose=2 if self.task.is_chief else 0)
+      seconds = time.perf_counter() - start
+    step = int(optimizer.iterations.numpy())
+    done = (step >= c.train_steps * c.gba.num_aggregate if c.mode == "async"
+            else step >= c.train_steps)
+    checkpoints.save(ckpt_dir, model, optimizer, is_chief=self.task.is_chief)
+    if health_cb is not None and health_cb.target and not done:
+      if self.task.is_chief:
+        state = switching.SwitchState.load(c.model_dir)
+        state.record(health_cb.switch_record(step))
+        state.save(c.model_dir)
+        self._write_phase(step - start_step, seconds, strategy, sync)
+      return switching.EXIT_SWITCH
+    if self.task.is_chief:
+      self._write_phase(step - start_step, seconds, strategy, sync)
+      self._write_result(model, step)
+    return 0
+
+  def _health_callback(self, strategy, sync: bool, local_per_step: int):
+    c = self.config
+    if c.num_workers < 2:
+      return None
+    if sync:
+      source = None
+      initial = health.HealthState.HEALTHY
+    else:
+      if not hasattr(strategy, "gba_metrics"):
+        return None  # plain PSS (async) keeps no per-worker counters
+      source = health.GBALatencySource(
+          strategy.gba_metrics, time.monotonic,
+          window_pushes=c.health_check_steps * local_per_step)
+      # A GBA phase of an auto job exists because of stragglers.
+      initial = (health.HealthState.STRAGGLING if c.auto
+                 else health.HealthState.HEALTHY)
+    monitor = health.HealthMonitor(c.num_workers, window=c.health_window,
+                                   slow_ratio=c.health_slow_ratio,
+                                   initial_state=initial)
+    log = _log if self.task.is_chief else (lambda _: None)
+    return switching.HealthCallback(
+        monitor, c.mode, c.health_check_steps * local_per_step, auto=c.auto,
+        latency_source=source, log=log)
+
+  def _write_phase(self, steps: int, seconds: float, strategy, sync: bool):
+    c = self.config
+    phase = {"mode": c.mode, "optimizer_steps": steps, "seconds": seconds,
+             "samples": steps * c.global_batch_size,
+             "samples_per_s": steps * c.global_batch_size / seconds
+                              if seconds else 0.0}
+    if not sync and hasattr(strategy, "gba_metrics"):
+      phase["gba"] = strategy.gba_metrics()
+    path = os.path.join(c.model_dir, "phases.jsonl")
+    with open(path, "a") as f:
+      f.write(json.dumps(phase) + "\n")
+
+  def _write_result(self, model, step: int) -> None:
+    """Scores the held-out set on a local copy of the final weights."""
+    c = self.config
+    local, _ = self._model_and_optimizer()
+    ckpt = tf.train.latest_checkpoint(os.path.join(c.model_dir, "ckpt"))
+    tf.train.Checkpoint(model=local).read(ckpt).expect_partial(
+    ).assert_existing_objects_matched()
+    ids, labels = self.data.sample(c.test_examples, seed=3)
+    logits = local.predict(ids, batch_size=_EVAL_BATCH, verbose=0).ravel()
+    prob = np.clip(1.0 / (1.0 + np.exp(-logits)), 1e-7, 1 - 1e-7)
+    logloss = float(-np.mean(labels * np.log(prob) +
+                             (1 - labels) * np.log(1 - prob)))
+    result = {"mode": c.mode, "auto": c.auto, "optimizer_steps": step,
+              "samples": step * c.global_batch_size,
+              "test_auc": synthetic.auc(labels, logits),
+              "test_logloss": logloss, "best_auc": self.data.best_auc(),
+              "switches": [dataclasses.asdict(s) for s in
+                           switching.SwitchState.load(c.model_dir).switches]}
+    with open(os.path.join(c.model_dir, "result.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    _log(f"[job] done: {step} optimizer steps, test AUC "
+         f"{result['test_auc']:.4f}, logloss {logloss:.4f}")
+
+
+def main(argv) -> None:
+  """Body of `scripts/train.py`: validate, then run this task's role."""
+  del argv
+  f = gba_flags.FLAGS
+  # TF's INFO lines (one per closure, collective and TF_CONFIG read) drown
+  # the job's own progress in the launcher's merged log.
+  tf.get_logger().setLevel("WARNING")
+  try:
+    mode = (switching.current_mode(f.model_dir) if f.mode == "auto"
+            else f.mode)
+    task = cluster_lib.parse_tf_config(os.environ.get("TF_CONFIG"), mode)
+    config = config_from_flags(task, mode)
+  except ValueError as e:
+    print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr,
+          flush=True)
+    sys.exit(2)
+  code = Job(config, task).run()
+  # Skip TF's teardown: with the cluster going away it only logs noise.
+  cluster_lib.exit_now(code)

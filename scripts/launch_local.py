@@ -1,0 +1,65 @@
+"""Runs a training job on this machine, one process per task, and waits.
+
+Every task runs `scripts/train.py` with its own TF_CONFIG on loopback ports
+and the same flags as this command; logs come back prefixed with the task
+(`[worker:1] ...`); every child is stopped when the job ends, fails or this
+launcher is interrupted. The exit code is the chief's.
+
+  python scripts/launch_local.py --flagfile=configs/local_gba.cfg
+  python scripts/launch_local.py --flagfile=configs/local_gba.cfg --mode=sync
+  # Worker 1 at 1/4 speed for the first 40 s; auto switches sync -> gba ->
+  # sync:
+  python scripts/launch_local.py --flagfile=configs/local_gba.cfg \\
+      --mode=auto --straggler=1:4 --straggler_seconds=40
+
+Writes `<model_dir>/launch.json`: the phases with their modes, exit codes
+and wall-clock seconds.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gba_tf import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf import launcher as launcher_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  try:
+    gba_flags.parse_straggler(FLAGS.straggler)
+    if FLAGS.straggler_seconds < 0:
+      raise ValueError(f"Received: --straggler_seconds="
+                       f"{FLAGS.straggler_seconds}, which must be >= 0.")
+    model_dir = FLAGS.model_dir or tempfile.mkdtemp(prefix="gba_job_")
+    until = start + FLAGS.straggler_seconds if FLAGS.straggler_seconds else 0
+    # Every task gets this command's own arguments (flagfile, overrides).
+    launcher = launcher_lib.LocalLauncher(
+        sys.argv[1:], workers=FLAGS.workers, ps=FLAGS.ps, mode=FLAGS.mode,
+        model_dir=model_dir, straggler_until=until)
+  except ValueError as e:
+    print(f"launch_local.py: error: {e}", file=sys.stderr)
+    return 2
+  code = launcher.run()
+  seconds = time.time() - start
+  with open(os.path.join(model_dir, "launch.json"), "w") as f:
+    json.dump({"exit_code": code, "seconds": seconds,
+               "phases": [vars(p) for p in launcher.phases]}, f, indent=2)
+  print(f"[launcher] job ended with code {code} after {seconds:.1f} s; "
+        f"model_dir={model_dir}", flush=True)
+  return code
+
+
+if __name__ == "__main__":
+  gba_flags.define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
