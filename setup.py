@@ -23,6 +23,7 @@ setuptools.setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # pyyaml: the Kubeflow manifest tests parse YAML.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6"],
     },
 )

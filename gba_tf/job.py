@@ -171,6 +171,18 @@ class _StopAfterBatches(tf.keras.callbacks.Callback):
       self.model.stop_training = True
 
 
+class _StartStep(tf.keras.callbacks.Callback):
+  """Reads `optimizer.iterations` once `BackupAndRestore` has restored."""
+
+  def __init__(self, optimizer):
+    super().__init__()
+    self._optimizer = optimizer
+    self.step = None
+
+  def on_train_begin(self, logs=None):
+    self.step = int(self._optimizer.iterations.numpy())
+
+
 def _log(message: str) -> None:
   print(message, flush=True)
 
@@ -256,7 +268,6 @@ class Job:
       remaining_local = c.train_steps * c.gba.num_aggregate - done_local
     else:
       remaining_local = (c.train_steps - restored) * local_per_step
-    start_step = restored
     _log(f"[job] mode={c.mode} workers={c.num_workers} ps={c.num_ps} "
          f"global_batch={c.global_batch_size} "
          f"local_batch={c.local_batch_size} restored_step={restored} "
@@ -265,14 +276,19 @@ class Job:
 
     seconds = 0.0
     health_cb = None
+    start_step = None
     if remaining_local > 0:
       steps_per_epoch = c.steps_per_loop * local_per_step
       epochs = math.ceil(remaining_local / steps_per_epoch)
       health_cb = self._health_callback(strategy, sync, local_per_step)
+      start_step = _StartStep(optimizer)
       callbacks = [
-          _StopAfterBatches(remaining_local, steps_per_epoch),
+          # Restores a preempted phase's last epoch; then _StartStep reads
+          # the step this run really starts from.
           tf.keras.callbacks.BackupAndRestore(
               os.path.join(c.model_dir, f"backup-{c.mode}")),
+          start_step,
+          _StopAfterBatches(remaining_local, steps_per_epoch),
       ]
       if health_cb is not None:
         callbacks.append(health_cb)
@@ -283,6 +299,7 @@ class Job:
           verbose=2 if self.task.is_chief else 0)
       seconds = time.perf_counter() - start
     step = int(optimizer.iterations.numpy())
+    first = start_step.step if start_step is not None else step
     done = (step >= c.train_steps * c.gba.num_aggregate if c.mode == "async"
             else step >= c.train_steps)
     checkpoints.save(ckpt_dir, model, optimizer, is_chief=self.task.is_chief)
@@ -291,10 +308,10 @@ class Job:
         state = switching.SwitchState.load(c.model_dir)
         state.record(health_cb.switch_record(step))
         state.save(c.model_dir)
-        self._write_phase(step - start_step, seconds, strategy, sync)
+        self._write_phase(step - first, seconds, strategy, sync)
       return switching.EXIT_SWITCH
     if self.task.is_chief:
-      self._write_phase(step - start_step, seconds, strategy, sync)
+      self._write_phase(step - first, seconds, strategy, sync)
       self._write_result(model, step)
     return 0
 

@@ -1,0 +1,144 @@
+"""Tests for the health monitor and the switch decision (pure, fast)."""
+
+import json
+import os
+import tempfile
+
+from absl.testing import parameterized
+import tensorflow as tf
+
+from gba_tf import health
+from gba_tf import switching
+
+HEALTHY = health.HealthState.HEALTHY
+STRAGGLING = health.HealthState.STRAGGLING
+
+
+class HealthMonitorTest(parameterized.TestCase):
+
+  def test_ratios_are_leave_one_out(self):
+    monitor = health.HealthMonitor(num_workers=4)
+    # Worker 1: 0.20 / median(0.05, 0.05, 0.10) = 0.20 / 0.05 = 4.0.
+    # Worker 2: 0.10 / median(0.05, 0.20, 0.05) = 2.0.
+    # Worker 0: 0.05 / median(0.20, 0.10, 0.05) = 0.5.
+    self.assertEqual(monitor.ratios([0.05, 0.20, 0.10, 0.05]),
+                     (0.5, 4.0, 2.0, 0.5))
+    # With two workers the slow one is compared with the fast one:
+    # 0.08 / 0.02 = 4 (a mean-based median would give 0.08 / 0.05 = 1.6).
+    self.assertEqual(health.HealthMonitor(2).ratios([0.02, 0.08]),
+                     (0.25, 4.0))
+
+  def test_straggler_needs_window_consecutive_checks(self):
+    monitor = health.HealthMonitor(num_workers=2, window=3)
+    slow, fast = [0.02, 0.08], [0.02, 0.021]
+    self.assertEqual(monitor.observe(slow).state, HEALTHY)
+    self.assertEqual(monitor.observe(slow).state, HEALTHY)
+    # One healthy check resets the streak.
+    self.assertEqual(monitor.observe(fast).streak, 0)
+    reports = [monitor.observe(slow) for _ in range(3)]
+    self.assertEqual([r.state for r in reports],
+                     [HEALTHY, HEALTHY, STRAGGLING])
+    self.assertEqual([r.changed for r in reports], [False, False, True])
+    self.assertEqual(reports[-1].slow_workers, (1,))
+    self.assertIn("worker 1 at 4.0x", reports[-1].describe())
+
+  def test_recovery_uses_the_lower_ratio(self):
+    monitor = health.HealthMonitor(num_workers=2, window=2, slow_ratio=2.0,
+                                   recover_ratio=1.5,
+                                   initial_state=STRAGGLING)
+    # 1.8x is below slow_ratio but above recover_ratio: not recovered.
+    for _ in range(4):
+      self.assertEqual(monitor.observe([0.050, 0.090]).state, STRAGGLING)
+    self.assertEqual(monitor.observe([0.050, 0.060]).state, STRAGGLING)
+    report = monitor.observe([0.050, 0.060])
+    self.assertEqual((report.state, report.changed), (HEALTHY, True))
+
+  def test_small_absolute_gaps_are_noise(self):
+    # 3x slower but only 2 ms apart: below min_gap_s = 10 ms.
+    monitor = health.HealthMonitor(num_workers=2, window=1)
+    self.assertEqual(monitor.observe([0.001, 0.003]).slow_workers, ())
+    self.assertEqual(monitor.observe([0.001, 0.013]).slow_workers, (1,))
+
+  @parameterized.named_parameters(
+      ("one_worker", dict(num_workers=1), "num_workers=1"),
+      ("window", dict(num_workers=2, window=0), "window=0"),
+      ("slow_ratio", dict(num_workers=2, slow_ratio=1.0), "slow_ratio=1.0"),
+      ("recover_ratio", dict(num_workers=2, recover_ratio=3.0),
+       "recover_ratio=3.0"),
+      ("min_gap", dict(num_workers=2, min_gap_s=-1), "min_gap_s=-1"),
+  )
+  def test_bad_arguments(self, kwargs, message):
+    with self.assertRaisesRegex(ValueError, message):
+      health.HealthMonitor(**kwargs)
+
+  def test_bad_latencies(self):
+    monitor = health.HealthMonitor(num_workers=2)
+    with self.assertRaisesRegex(ValueError, "3 latencies"):
+      monitor.observe([0.1, 0.1, 0.1])
+    with self.assertRaisesRegex(ValueError, "finite"):
+      monitor.observe([0.1, float("nan")])
+
+
+class GBALatencySourceTest(tf.test.TestCase):
+
+  def test_windows_close_on_completed_pushes(self):
+    reads = iter([
+        # (worker_pushed, worker_compute_seconds) cumulative, clock
+        (([0, 0], [0.0, 0.0]), 10.0),   # opens the window
+        (([3, 0], [0.06, 0.0]), 10.1),  # 3 pushes < 4: still open
+        (([6, 1], [0.12, 0.08]), 10.2),  # 7 pushes: closes
+        (([10, 1], [0.20, 0.08]), 10.5),  # w1 pushed nothing: gets 0.3 s
+    ])
+    current = {}
+
+    def read_metrics():
+      (pushed, seconds), now = next(reads)
+      current["now"] = now
+      return {"worker_pushed": pushed, "worker_compute_seconds": seconds}
+
+    source = health.GBALatencySource(read_metrics, lambda: current["now"],
+                                     window_pushes=4)
+    self.assertIsNone(source.poll())
+    self.assertIsNone(source.poll())
+    # w0: 0.12 s / 6 = 0.02; w1: 0.08 s / 1 = 0.08.
+    self.assertAllClose(source.poll(), (0.02, 0.08))
+    # w0: 0.08 / 4 = 0.02; w1: no push, the window's 10.5 - 10.2 = 0.3 s.
+    self.assertAllClose(source.poll(), (0.02, 0.3))
+
+
+class SwitchingTest(tf.test.TestCase):
+
+  def _report(self, state, changed, slow=(), ratios=(1.0, 1.0)):
+    return health.HealthReport(state, changed, slow, ratios, (0.02, 0.02), 0)
+
+  def test_decide(self):
+    straggling = self._report(STRAGGLING, True, (1,), (0.25, 4.0))
+    healthy = self._report(HEALTHY, True)
+    self.assertEqual(switching.decide("sync", straggling), "gba")
+    self.assertIsNone(switching.decide("gba", straggling))
+    self.assertEqual(switching.decide("gba", healthy), "sync")
+    self.assertIsNone(switching.decide("sync", healthy))
+    # Without a state change (hysteresis not yet satisfied) nothing moves.
+    self.assertIsNone(switching.decide(
+        "sync", self._report(STRAGGLING, False, (1,))))
+    self.assertIn("worker 1 at 4.0x",
+                  switching.reason("sync", "gba", straggling, 3))
+
+  def test_state_file_round_trip(self):
+    model_dir = tempfile.mkdtemp()
+    self.assertEqual(switching.current_mode(model_dir), "sync")
+    state = switching.SwitchState.load(model_dir)
+    state.record(switching.Switch("sync", "gba", "stragglers", 15, 1.0,
+                                  [0.02, 0.08]))
+    state.save(model_dir)
+    self.assertEqual(switching.current_mode(model_dir), "gba")
+    loaded = switching.SwitchState.load(model_dir)
+    self.assertEqual(loaded.switches, state.switches)
+    with open(os.path.join(model_dir, switching.STATE_FILE), "w") as f:
+      json.dump({"mode": "turbo"}, f)
+    with self.assertRaisesRegex(ValueError, "mode='turbo'"):
+      switching.current_mode(model_dir)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,121 @@
+"""Whole jobs through `scripts/launch_local.py`: real processes, real gRPC.
+
+Every test launches the job as a user does, from the flagfile in `configs/`,
+and asserts on what the job wrote into its model directory: the resolved
+config, `result.json`, `phases.jsonl`, `switch_state.json`, `launch.json`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import tensorflow as tf
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FLAGFILE = os.path.join(_ROOT, "configs", "local_gba.cfg")
+
+
+def _launch(model_dir, *args, timeout=300):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "scripts", "launch_local.py"),
+       f"--flagfile={_FLAGFILE}", f"--model_dir={model_dir}", *args],
+      cwd=_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+  return proc
+
+
+def _read(model_dir, name):
+  with open(os.path.join(model_dir, name)) as f:
+    if name.endswith(".jsonl"):
+      return [json.loads(line) for line in f]
+    return json.load(f)
+
+
+@pytest.mark.cluster
+class LaunchLocalTest(tf.test.TestCase):
+
+  def test_sync_and_gba_from_the_same_flagfile(self):
+    results = {}
+    for mode in ("sync", "gba"):
+      model_dir = tempfile.mkdtemp(prefix=f"gba_{mode}_")
+      proc = _launch(model_dir, f"--mode={mode}", "--train_steps=40",
+                     "--step_ms=5")
+      self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
+      # Logs come back prefixed with the task that wrote them.
+      chief = "worker:0" if mode == "sync" else "chief:0"
+      self.assertIn(f"[{chief}] [job] mode={mode} workers=2", proc.stdout)
+      config = _read(model_dir, f"config-{mode}.json")
+      self.assertEqual(config["gba"]["global_batch_size"], 512)
+      results[mode] = _read(model_dir, "result.json")
+      self.assertEqual(_read(model_dir, "launch.json")["exit_code"], 0)
+    # Same flagfile, same optimization: 40 steps of 512 samples each.
+    for mode in ("sync", "gba"):
+      self.assertEqual(results[mode]["optimizer_steps"], 40)
+      self.assertEqual(results[mode]["samples"], 40 * 512)
+      self.assertGreater(results[mode]["test_auc"], 0.55)
+    # Same hyper-parameters, no stragglers: nearly the same model.
+    self.assertAllClose(results["sync"]["test_auc"],
+                        results["gba"]["test_auc"], atol=0.01)
+
+  def test_auto_switches_to_gba_under_a_straggler_and_back(self):
+    model_dir = tempfile.mkdtemp(prefix="gba_auto_")
+    # Worker 1 at 1/4 speed for the first 15 s after launch.
+    proc = _launch(model_dir, "--mode=auto", "--straggler=1:4",
+                   "--straggler_seconds=15", "--train_steps=400")
+    self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
+    switches = _read(model_dir, "switch_state.json")["switches"]
+    self.assertEqual([(s["from_mode"], s["to_mode"]) for s in switches],
+                     [("sync", "gba"), ("gba", "sync")], proc.stdout[-3000:])
+    self.assertIn("worker 1 at", switches[0]["reason"])
+    slow, fast = switches[0]["step_seconds"][1], switches[0]["step_seconds"][0]
+    self.assertGreater(slow, 2 * fast)
+    self.assertIn("healthy", switches[1]["reason"])
+    self.assertIn("[switch] sync -> gba: stragglers for 3 checks: worker 1",
+                  proc.stdout)
+    # Each phase resumed from the previous phase's checkpoint: the phases'
+    # optimizer steps add up to the job's, and nothing was trained twice.
+    phases = _read(model_dir, "phases.jsonl")
+    self.assertEqual([p["mode"] for p in phases], ["sync", "gba", "sync"])
+    self.assertEqual(sum(p["optimizer_steps"] for p in phases), 400)
+    self.assertEqual(phases[0]["optimizer_steps"], switches[0]["global_step"])
+    self.assertEqual(phases[0]["optimizer_steps"] +
+                     phases[1]["optimizer_steps"], switches[1]["global_step"])
+    gba = phases[1]["gba"]
+    self.assertEqual(gba["pushed"],
+                     gba["applied"] + gba["dropped"] + gba["pending"])
+    result = _read(model_dir, "result.json")
+    self.assertEqual((result["mode"], result["optimizer_steps"]),
+                     ("sync", 400))
+    launch = _read(model_dir, "launch.json")
+    self.assertEqual([p["mode"] for p in launch["phases"]],
+                     ["sync", "gba", "sync"])
+    self.assertEqual([p["exit_code"] for p in launch["phases"]], [75, 75, 0])
+
+  def test_auto_stays_in_sync_when_healthy(self):
+    model_dir = tempfile.mkdtemp(prefix="gba_healthy_")
+    proc = _launch(model_dir, "--mode=auto", "--train_steps=100")
+    self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
+    self.assertFalse(os.path.exists(os.path.join(model_dir,
+                                                 "switch_state.json")))
+    self.assertEqual([p["mode"] for p in _read(model_dir, "launch.json")[
+        "phases"]], ["sync"])
+    self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"], 100)
+
+  def test_failing_job_returns_the_chief_code_and_leaves_no_process(self):
+    model_dir = tempfile.mkdtemp(prefix="gba_fail_")
+    # Every task rejects the flags; the launcher must still reap them all.
+    proc = _launch(model_dir, "--mode=gba", "--straggler=5:4")
+    self.assertEqual(proc.returncode, 2, proc.stdout[-3000:])
+    self.assertIn("--straggler=5:4, but there are only 2 workers",
+                  proc.stdout)
+    launch = _read(model_dir, "launch.json")
+    self.assertEqual(launch["exit_code"], 2)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                        text=True, check=True).stdout
+    self.assertNotIn(f"--model_dir={model_dir}", ps)
+
+
+if __name__ == "__main__":
+  tf.test.main()
