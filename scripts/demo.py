@@ -34,12 +34,12 @@ def define_flags():
   gba_flags.define_flags()
   flags.DEFINE_integer("epochs", 4, "Epochs.")
   flags.DEFINE_integer("steps_per_epoch", 100, "Local steps per epoch.")
-  flags.DEFINE_float("learning_rate", 0.2, "Adagrad learning rate.")
   flags.DEFINE_string("out", "results/demo.json", "JSON summary.")
   # Worker 1 at a quarter of the speed; 50 ms of emulated compute makes the
   # difference visible on 2 cores shared by 7 processes.
   FLAGS.set_default("step_ms", 50.0)
   FLAGS.set_default("straggler", "1:4")
+  FLAGS.set_default("learning_rate", 0.2)
 
 
 def _copy_to_local(model, data):
