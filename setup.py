@@ -21,6 +21,8 @@ setuptools.setup(
         # tf.summary's implementation (GBAMetrics writes TensorBoard
         # summaries); TF 2.21 no longer installs it.
         "tensorboard",
+        # The benchmark's PNG plots (AUC curves, throughput bars).
+        "matplotlib",
     ],
     extras_require={
         # pyyaml: the Kubeflow manifest tests parse YAML.

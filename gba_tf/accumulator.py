@@ -38,12 +38,18 @@ class _DenseSlot:
     self._sum = tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False,
                             name=_slot_name(var, "sum"))
 
-  def push(self, grad, weight):
+  def stage(self, grad):
+    """Moves the gradient next to the buffer (before the lock is taken)."""
     if isinstance(grad, tf.IndexedSlices):
       # A dense variable that got a sparse gradient in one trace only
       # (e.g. tf.gather on a small table): a dense buffer is exact.
       grad = tf.convert_to_tensor(grad)
-    return self._sum.assign_add(grad * tf.cast(weight, grad.dtype))
+    with tf.device(self._sum.device):
+      return tf.identity(grad)
+
+  def push(self, grad, weight):
+    with tf.device(self._sum.device):
+      return self._sum.assign_add(grad * tf.cast(weight, grad.dtype))
 
   def take(self, num_aggregate: int):
     mean = self._sum.read_value() / tf.cast(num_aggregate, self._sum.dtype)
@@ -71,13 +77,21 @@ class _SparseSlot:
                                 trainable=False,
                                 name=_slot_name(var, "touched"))
 
-  def push(self, grad, weight):
+  def stage(self, grad):
+    """Moves the gradient next to the buffer (before the lock is taken)."""
     if not isinstance(grad, tf.IndexedSlices):
       raise TypeError(
           "GBA accumulates this variable as sparse (its first gradient was "
           f"tf.IndexedSlices) but received a dense gradient {grad!r}.")
-    indices = tf.cast(grad.indices, tf.int64)
-    values = grad.values * tf.cast(weight, grad.values.dtype)
+    with tf.device(self._sum.device):
+      return tf.IndexedSlices(tf.identity(grad.values),
+                              tf.cast(grad.indices, tf.int64),
+                              grad.dense_shape)
+
+  def push(self, grad, weight):
+    with tf.device(self._sum.device):
+      indices = grad.indices
+      values = grad.values * tf.cast(weight, grad.values.dtype)
     return [
         self._sum.scatter_add(tf.IndexedSlices(values, indices)),
         self._touched.scatter_update(tf.IndexedSlices(
@@ -127,6 +141,7 @@ class GradientAggregator:
     self.tokens = tokens
     self.counters = counters
     self._slots: Dict[int, object] = {}
+    self._device = device
     with tf.device(device):
       # exclusive_resource_access=False: the model variables guarded here are
       # also read, lock-free, by every worker's forward pass.
@@ -171,19 +186,27 @@ class GradientAggregator:
     """
     grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
     slots = [(self._slot(v, g), g, v) for g, v in grads_and_vars]
+    # Outside the lock: the worker's own time (token read to gradients
+    # ready, on its own clock) and the transfer of every gradient to its
+    # shard's PS, so that the lock is held for PS-local work only.
+    staged = [(slot, slot.stage(g), v) for slot, g, v in slots]
+    with tf.control_dependencies(
+        [g.values if isinstance(g, tf.IndexedSlices) else g
+         for _, g, _ in staged]):
+      compute_seconds = tf.timestamp() - read_time
+    token = tf.identity(token)
     m = self.num_aggregate
 
-    def locked():
+    def locked_on_ps():
       tau = self.tokens.staleness(token)
       weight = self.policy.weight(tau)
       accepted = self.policy.accepts(tau)
-      compute_seconds = tf.timestamp() - read_time
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds)
 
       def push():
         ops = []
-        for slot, grad, _ in slots:
+        for slot, grad, _ in staged:
           pushed = slot.push(grad, weight)
           ops.extend(pushed if isinstance(pushed, list) else [pushed])
         with tf.control_dependencies(ops):
@@ -194,7 +217,7 @@ class GradientAggregator:
 
       def apply():
         before_apply()
-        aggregated = [(slot.take(m), var) for slot, _, var in slots]
+        aggregated = [(slot.take(m), var) for slot, _, var in staged]
         result = apply_fn(aggregated)
         deps = [result] if result is not None else []
         with tf.control_dependencies(deps):
@@ -206,5 +229,12 @@ class GradientAggregator:
       with tf.control_dependencies([pushed]):
         ready = self.counters.pending.read_value() >= m
       return tf.cond(ready, apply, lambda: tf.constant(False))
+
+    def locked():
+      # Control flow and scalar policy math run on the lock's PS task: a
+      # tf.cond placed on the worker would call its branches remotely, one
+      # more round trip each while every other worker waits for the lock.
+      with tf.device(self._device):
+        return locked_on_ps()
 
     return self._lock.execute(locked, exclusive_resource_access=False)

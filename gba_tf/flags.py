@@ -49,11 +49,34 @@ def define_flags() -> None:
                     "Optimizer (tf_keras, new API).")
   flags.DEFINE_float("learning_rate", 0.1, "Learning rate (as tuned for "
                      "sync; gba and async reuse it unchanged).")
+  flags.DEFINE_enum("model", "embedding_mlp",
+                    ("embedding_mlp", "dcn", "deepfm"),
+                    "Reference model (gba_tf.models).")
+  flags.DEFINE_enum(
+      "dataset", "synthetic", ("synthetic", "movielens"),
+      "synthetic: Zipf CTR data with a known best AUC. movielens: "
+      "MovieLens-100K (rating >= 4 = click), fetched into a cache on first "
+      "use.")
+  flags.DEFINE_enum(
+      "preset", "gba", ("gba", "sync_ps", "backup_workers",
+                        "bounded_staleness"),
+      "Aggregation rule of --mode=gba (gba_tf.config.GBAConfig.preset): "
+      "gba, or the baselines synchronous-over-PS, backup workers (M = "
+      "workers - 1, stale gradients dropped) and bounded staleness (M = 1, "
+      "dropped past --max_staleness, default 4).")
   flags.DEFINE_integer("embedding_dim", 8, "Embedding width.")
   flags.DEFINE_integer("train_examples", 100_000,
                        "Distinct synthetic training examples (repeated).")
   flags.DEFINE_integer("test_examples", 20_000, "Held-out examples.")
   flags.DEFINE_integer("seed", 0, "Seed of the data and the model.")
+  flags.DEFINE_integer(
+      "eval_examples", 10_000,
+      "Held-out examples scored at the end of every loop (the AUC curve in "
+      "result.json); 0 for none. Time spent there is not training time.")
+  flags.DEFINE_bool(
+      "backup", True,
+      "Keras BackupAndRestore every loop, so that rerunning a preempted "
+      "command resumes from the last loop.")
   # GBA staleness policy (see gba_tf.config.GBAConfig).
   flags.DEFINE_integer("staleness_threshold", None,
                        "Gradients this stale or fresher count fully.")
@@ -108,8 +131,15 @@ def parse_straggler(spec: str) -> Tuple[int, float]:
 
 
 def gba_config_from_flags(num_workers=None) -> config_lib.GBAConfig:
+  """The GBAConfig of --preset (default gba) for `num_workers` workers."""
   workers = num_workers or FLAGS.workers
   global_batch = FLAGS.global_batch_size or (workers * FLAGS.local_batch_size)
+  preset = FLAGS["preset"].value if "preset" in FLAGS else "gba"
+  if preset != "gba":
+    return config_lib.GBAConfig.preset(
+        preset, local_batch_size=FLAGS.local_batch_size,
+        global_batch_size=global_batch, num_workers=workers,
+        max_staleness=FLAGS.max_staleness or 4)
   overrides = {
       name: FLAGS[name].value
       for name in ("staleness_threshold", "decay", "decay_rate",

@@ -38,6 +38,7 @@ from gba_tf import health
 from gba_tf import models
 from gba_tf import strategy as strategy_lib
 from gba_tf import switching
+from gba_tf.data import movielens
 from gba_tf.data import synthetic
 
 _OPTIMIZERS = {
@@ -45,7 +46,7 @@ _OPTIMIZERS = {
     "adam": tf.keras.optimizers.Adam,
     "sgd": tf.keras.optimizers.SGD,
 }
-# Test examples scored per predict() batch in the final evaluation.
+# Held-out examples scored per model call in evaluations.
 _EVAL_BATCH = 4096
 
 
@@ -55,22 +56,29 @@ class JobConfig:
 
   Attributes mirror the flags of `gba_tf.flags.define_flags` (see their
   help); `mode` is the mode this process runs ("auto" already resolved to
-  "sync" or "gba"), `auto` whether switching is on, and `gba` the resolved
-  `GBAConfig`.
+  "sync" or "gba"), `auto` whether switching is on, `global_batch_size` the
+  synchronous global batch that fixes the samples per optimizer step, and
+  `gba` the resolved `GBAConfig` of the PS modes (its own global batch
+  differs only for the backup-workers and bounded-staleness baselines).
   """
   mode: str
   auto: bool
   model_dir: str
   num_workers: int
   num_ps: int
+  global_batch_size: int
   gba: config_lib.GBAConfig
   train_steps: int
   steps_per_loop: int
   optimizer: str
   learning_rate: float
+  model: str
+  dataset: str
   embedding_dim: int
   train_examples: int
   test_examples: int
+  eval_examples: int
+  backup: bool
   seed: int
   step_ms: float
   slow_worker: int
@@ -81,12 +89,18 @@ class JobConfig:
   health_slow_ratio: float
 
   @property
-  def global_batch_size(self) -> int:
-    return self.gba.global_batch_size
-
-  @property
   def local_batch_size(self) -> int:
     return self.gba.local_batch_size
+
+  @property
+  def local_steps_per_step(self) -> int:
+    """Local batches in one synchronous global batch."""
+    return self.global_batch_size // self.local_batch_size
+
+  @property
+  def ps_aggregate(self) -> int:
+    """Local steps per optimizer step of this PS mode (async: 1)."""
+    return 1 if self.mode == "async" else self.gba.num_aggregate
 
   def to_dict(self) -> Dict[str, Any]:
     out = dataclasses.asdict(self)
@@ -108,6 +122,9 @@ def config_from_flags(task: cluster_lib.TaskConfig,
                "train_examples", "test_examples", "health_check_steps",
                "health_window", "health_slow_ratio"):
     _positive(name, f[name].value)
+  if f.eval_examples < 0:
+    raise ValueError(f"Received: --eval_examples={f.eval_examples}, which "
+                     "must be >= 0.")
   if f.ps < 0:
     raise ValueError(f"Received: --ps={f.ps}, which must be >= 0.")
   if f.step_ms < 0:
@@ -128,20 +145,26 @@ def config_from_flags(task: cluster_lib.TaskConfig,
   if slow_worker >= workers:
     raise ValueError(f"Received: --straggler={f.straggler}, but there are "
                      f"only {workers} workers.")
-  gba_config = gba_flags.gba_config_from_flags(num_workers=workers)
-  if mode == "sync" and gba_config.global_batch_size % workers:
+  global_batch = f.global_batch_size or workers * f.local_batch_size
+  if global_batch % f.local_batch_size:
     raise ValueError(
-        f"Received: global_batch_size={gba_config.global_batch_size}, which "
-        f"is not a multiple of the {workers} sync workers.")
+        f"Received: global_batch_size={global_batch}, which is not a "
+        f"multiple of local_batch_size={f.local_batch_size}.")
+  gba_config = gba_flags.gba_config_from_flags(num_workers=workers)
+  if mode == "sync" and global_batch % workers:
+    raise ValueError(
+        f"Received: global_batch_size={global_batch}, which is not a "
+        f"multiple of the {workers} sync workers.")
   model_dir = f.model_dir or tempfile.mkdtemp(prefix="gba_train_")
   return JobConfig(
       mode=mode, auto=f.mode == "auto", model_dir=model_dir,
       num_workers=workers, num_ps=len(task.cluster.get("ps", [])),
-      gba=gba_config, train_steps=f.train_steps,
-      steps_per_loop=f.steps_per_loop, optimizer=f.optimizer,
-      learning_rate=f.learning_rate, embedding_dim=f.embedding_dim,
+      global_batch_size=global_batch, gba=gba_config,
+      train_steps=f.train_steps, steps_per_loop=f.steps_per_loop,
+      optimizer=f.optimizer, learning_rate=f.learning_rate, model=f.model,
+      dataset=f.dataset, embedding_dim=f.embedding_dim,
       train_examples=f.train_examples, test_examples=f.test_examples,
-      seed=f.seed, step_ms=f.step_ms, slow_worker=slow_worker,
+      eval_examples=f.eval_examples, backup=f.backup, seed=f.seed, step_ms=f.step_ms, slow_worker=slow_worker,
       slowdown=slowdown, straggler_until=f.straggler_until,
       health_check_steps=f.health_check_steps,
       health_window=f.health_window,
@@ -187,27 +210,113 @@ def _log(message: str) -> None:
   print(message, flush=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Data:
+  train_ids: np.ndarray
+  train_labels: np.ndarray
+  test_ids: np.ndarray
+  test_labels: np.ndarray
+  num_fields: int
+  vocab_size: int
+  best_auc: Optional[float]  # known for synthetic data only
+
+
+def load_data(config: JobConfig) -> _Data:
+  """The job's train / test data (deterministic by `config.seed`)."""
+  if config.dataset == "movielens":
+    ml = movielens.load(seed=config.seed)
+    return _Data(ml.train_ids, ml.train_labels, ml.test_ids[
+        :config.test_examples], ml.test_labels[:config.test_examples],
+                 ml.num_fields, ml.vocab_size, None)
+  gen = synthetic.SyntheticCTR(seed=config.seed)
+  train_ids, train_labels = gen.sample(config.train_examples, seed=1)
+  test_ids, test_labels = gen.sample(config.test_examples, seed=3)
+  return _Data(train_ids, train_labels, test_ids, test_labels,
+               gen.num_fields, gen.vocab_size, gen.best_auc())
+
+
+def _scores(model, ids: np.ndarray) -> np.ndarray:
+  """Logits of `model` in batches, outside any replica context."""
+  return np.concatenate([
+      model(ids[i:i + _EVAL_BATCH], training=False).numpy().ravel()
+      for i in range(0, len(ids), _EVAL_BATCH)])
+
+
+def _logloss(labels: np.ndarray, logits: np.ndarray) -> float:
+  prob = np.clip(1.0 / (1.0 + np.exp(-logits)), 1e-7, 1 - 1e-7)
+  return float(-np.mean(labels * np.log(prob) +
+                        (1 - labels) * np.log(1 - prob)))
+
+
+class _Progress(tf.keras.callbacks.Callback):
+  """Per-loop timing and, optionally, held-out AUC (AUC-vs-samples plots).
+
+  Runs on the chief only. Keras ends an epoch after joining its steps, so
+  evaluation time is idle time for the workers: it is measured apart
+  (`eval_seconds`), not counted as training time. The first loop includes
+  tracing and warm-up; `steady_samples_per_s` leaves it out.
+  """
+
+  def __init__(self, ids, labels, samples_at_epoch_end):
+    super().__init__()
+    self._ids, self._labels = ids, labels
+    self._samples = samples_at_epoch_end
+    self.points = []
+    self.loops = []  # (samples, training seconds) per loop
+    self.seconds = 0.0
+    self._begin = None
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._begin = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    start = time.perf_counter()
+    samples = self._samples(epoch)
+    previous = self._samples(epoch - 1) if epoch else self._samples(-1)
+    self.loops.append((samples - previous, start - self._begin))
+    if self._ids is None:
+      return
+    logits = _scores(self.model, self._ids)
+    self.points.append({
+        "optimizer_steps": int(self.model.optimizer.iterations.numpy()),
+        "samples": samples,
+        "auc": synthetic.auc(self._labels, logits),
+        "logloss": _logloss(self._labels, logits)})
+    self.seconds += time.perf_counter() - start
+
+  def steady_samples_per_s(self) -> Optional[float]:
+    steady = self.loops[1:]
+    seconds = sum(t for _, t in steady)
+    return sum(n for n, _ in steady) / seconds if seconds else None
+
+
 class Job:
   """One process of a training job. Not thread-safe."""
 
   def __init__(self, config: JobConfig, task: cluster_lib.TaskConfig):
     self.config = config
     self.task = task
-    self.data = synthetic.SyntheticCTR(seed=config.seed)
+    self._data = None
+
+  @property
+  def data(self) -> _Data:
+    if self._data is None:
+      self._data = load_data(self.config)
+    return self._data
 
   # -- model and data -------------------------------------------------------
 
   def _model_and_optimizer(self):
-    model = models.embedding_mlp(self.data.num_fields, self.data.vocab_size,
-                                 embedding_dim=self.config.embedding_dim,
-                                 seed=self.config.seed)
+    model = models.MODELS[self.config.model](
+        self.data.num_fields, self.data.vocab_size,
+        embedding_dim=self.config.embedding_dim, seed=self.config.seed)
     optimizer = _OPTIMIZERS[self.config.optimizer](self.config.learning_rate)
     return model, optimizer
 
   def _dataset_fn(self, sync: bool):
-    ids, labels = self.data.sample(self.config.train_examples, seed=1)
     return synthetic.dataset_fn(
-        ids, labels, self.config.local_batch_size, self.config.step_ms,
+        self.data.train_ids, self.data.train_labels,
+        self.config.local_batch_size, self.config.step_ms,
         self.config.slow_worker, self.config.slowdown,
         shuffle_seed=self.config.seed, num_shards=self.config.num_workers,
         straggler_until=self.config.straggler_until,
@@ -251,9 +360,6 @@ class Job:
   def _train(self, strategy, sync: bool) -> int:
     c = self.config
     ckpt_dir = os.path.join(c.model_dir, "ckpt")
-    # Local steps per optimizer step: 1 in sync (a step is the global
-    # batch), M in GBA, and async runs GBA's local steps one by one.
-    local_per_step = 1 if sync else c.gba.num_aggregate
     with strategy.scope():
       model, optimizer = self._model_and_optimizer()
       if sync:
@@ -263,35 +369,49 @@ class Job:
                     metrics=[tf.keras.metrics.AUC(from_logits=True,
                                                   name="auc")])
       restored = checkpoints.restore_latest(ckpt_dir, model, optimizer)
-    if c.mode == "async":
-      done_local = restored
-      remaining_local = c.train_steps * c.gba.num_aggregate - done_local
+    # Everything is counted in Keras steps of this mode: sync steps are
+    # global batches; PS steps are local batches, and every mode processes
+    # train_steps global batches' worth of samples (DESIGN.md invariant 5).
+    if sync:
+      batch, per_step, total = c.global_batch_size, 1, c.train_steps
     else:
-      remaining_local = (c.train_steps - restored) * local_per_step
+      batch, per_step = c.local_batch_size, c.ps_aggregate
+      total = c.train_steps * c.local_steps_per_step
+    done = restored * per_step
+    steps_per_epoch = c.steps_per_loop * (1 if sync else
+                                          c.local_steps_per_step)
+    remaining = total - done
     _log(f"[job] mode={c.mode} workers={c.num_workers} ps={c.num_ps} "
          f"global_batch={c.global_batch_size} "
          f"local_batch={c.local_batch_size} restored_step={restored} "
-         f"remaining_local_steps={max(remaining_local, 0)} "
+         f"remaining_local_steps={max(remaining, 0)} "
          f"model_dir={c.model_dir}")
 
     seconds = 0.0
-    health_cb = None
-    start_step = None
-    if remaining_local > 0:
-      steps_per_epoch = c.steps_per_loop * local_per_step
-      epochs = math.ceil(remaining_local / steps_per_epoch)
-      health_cb = self._health_callback(strategy, sync, local_per_step)
+    health_cb = curve = start_step = None
+    if remaining > 0:
+      epochs = math.ceil(remaining / steps_per_epoch)
+      health_cb = self._health_callback(
+          strategy, sync, 1 if sync else c.local_steps_per_step)
       start_step = _StartStep(optimizer)
-      callbacks = [
-          # Restores a preempted phase's last epoch; then _StartStep reads
-          # the step this run really starts from.
-          tf.keras.callbacks.BackupAndRestore(
-              os.path.join(c.model_dir, f"backup-{c.mode}")),
-          start_step,
-          _StopAfterBatches(remaining_local, steps_per_epoch),
-      ]
+      callbacks = []
+      if c.backup:
+        # Restores a preempted phase's last epoch; then _StartStep reads
+        # the step this run really starts from.
+        callbacks.append(tf.keras.callbacks.BackupAndRestore(
+            os.path.join(c.model_dir, f"backup-{c.mode}")))
+      callbacks += [start_step,
+                    _StopAfterBatches(remaining, steps_per_epoch)]
       if health_cb is not None:
         callbacks.append(health_cb)
+      if self.task.is_chief:
+        evaluate = c.eval_examples > 0
+        curve = _Progress(
+            self.data.test_ids[:c.eval_examples] if evaluate else None,
+            self.data.test_labels[:c.eval_examples] if evaluate else None,
+            lambda epoch: (done + min((epoch + 1) * steps_per_epoch,
+                                      remaining)) * batch)
+        callbacks.append(curve)
       start = time.perf_counter()
       model.fit(
           tf.keras.utils.experimental.DatasetCreator(self._dataset_fn(sync)),
@@ -300,19 +420,26 @@ class Job:
       seconds = time.perf_counter() - start
     step = int(optimizer.iterations.numpy())
     first = start_step.step if start_step is not None else step
-    done = (step >= c.train_steps * c.gba.num_aggregate if c.mode == "async"
-            else step >= c.train_steps)
+    finished = step * per_step >= total
+    eval_seconds = curve.seconds if curve is not None else 0.0
+    phase = self._phase(step - first, seconds - eval_seconds, eval_seconds,
+                        strategy, sync, per_step)
+    phase["steady_samples_per_s"] = (curve.steady_samples_per_s()
+                                     if curve is not None else None)
     checkpoints.save(ckpt_dir, model, optimizer, is_chief=self.task.is_chief)
-    if health_cb is not None and health_cb.target and not done:
+    if health_cb is not None and health_cb.target and not finished:
       if self.task.is_chief:
         state = switching.SwitchState.load(c.model_dir)
         state.record(health_cb.switch_record(step))
         state.save(c.model_dir)
-        self._write_phase(step - first, seconds, strategy, sync)
+        self._append_phase(phase)
       return switching.EXIT_SWITCH
     if self.task.is_chief:
-      self._write_phase(step - first, seconds, strategy, sync)
-      self._write_result(model, step)
+      self._append_phase(phase)
+      # Samples processed: every scheduled step ran (ClusterCoordinator runs
+      # each at least once), whether its gradient was applied or dropped.
+      self._write_result(step, total * batch,
+                         curve.points if curve is not None else [])
     return 0
 
   def _health_callback(self, strategy, sync: bool, local_per_step: int):
@@ -339,40 +466,46 @@ class Job:
         monitor, c.mode, c.health_check_steps * local_per_step, auto=c.auto,
         latency_source=source, log=log)
 
-  def _write_phase(self, steps: int, seconds: float, strategy, sync: bool):
+  def _phase(self, optimizer_steps: int, train_seconds: float,
+             eval_seconds: float, strategy, sync: bool,
+             per_step: int) -> Dict[str, Any]:
     c = self.config
-    phase = {"mode": c.mode, "optimizer_steps": steps, "seconds": seconds,
-             "samples": steps * c.global_batch_size,
-             "samples_per_s": steps * c.global_batch_size / seconds
-                              if seconds else 0.0}
+    batch = c.global_batch_size if sync else per_step * c.local_batch_size
+    samples = optimizer_steps * batch
+    phase = {"mode": c.mode, "optimizer_steps": optimizer_steps,
+             "samples": samples, "seconds": train_seconds,
+             "eval_seconds": eval_seconds,
+             "samples_per_s": samples / train_seconds if train_seconds
+                              else 0.0}
     if not sync and hasattr(strategy, "gba_metrics"):
       phase["gba"] = strategy.gba_metrics()
-    path = os.path.join(c.model_dir, "phases.jsonl")
-    with open(path, "a") as f:
+    return phase
+
+  def _append_phase(self, phase: Dict[str, Any]) -> None:
+    with open(os.path.join(self.config.model_dir, "phases.jsonl"), "a") as f:
       f.write(json.dumps(phase) + "\n")
 
-  def _write_result(self, model, step: int) -> None:
+  def _write_result(self, step: int, samples: int, curve) -> None:
     """Scores the held-out set on a local copy of the final weights."""
     c = self.config
     local, _ = self._model_and_optimizer()
     ckpt = tf.train.latest_checkpoint(os.path.join(c.model_dir, "ckpt"))
     tf.train.Checkpoint(model=local).read(ckpt).expect_partial(
     ).assert_existing_objects_matched()
-    ids, labels = self.data.sample(c.test_examples, seed=3)
-    logits = local.predict(ids, batch_size=_EVAL_BATCH, verbose=0).ravel()
-    prob = np.clip(1.0 / (1.0 + np.exp(-logits)), 1e-7, 1 - 1e-7)
-    logloss = float(-np.mean(labels * np.log(prob) +
-                             (1 - labels) * np.log(1 - prob)))
-    result = {"mode": c.mode, "auto": c.auto, "optimizer_steps": step,
-              "samples": step * c.global_batch_size,
+    logits = _scores(local, self.data.test_ids)
+    labels = self.data.test_labels
+    result = {"mode": c.mode, "auto": c.auto, "model": c.model,
+              "dataset": c.dataset, "preset": c.gba.name,
+              "optimizer_steps": step, "samples": samples,
               "test_auc": synthetic.auc(labels, logits),
-              "test_logloss": logloss, "best_auc": self.data.best_auc(),
+              "test_logloss": _logloss(labels, logits),
+              "best_auc": self.data.best_auc, "curve": curve,
               "switches": [dataclasses.asdict(s) for s in
                            switching.SwitchState.load(c.model_dir).switches]}
     with open(os.path.join(c.model_dir, "result.json"), "w") as f:
       json.dump(result, f, indent=2)
     _log(f"[job] done: {step} optimizer steps, test AUC "
-         f"{result['test_auc']:.4f}, logloss {logloss:.4f}")
+         f"{result['test_auc']:.4f}, logloss {result['test_logloss']:.4f}")
 
 
 def main(argv) -> None:

@@ -35,6 +35,43 @@ class SyntheticCTRTest(tf.test.TestCase):
     self.assertGreater(data.best_auc(n=2000), 0.6)
     self.assertFalse(np.array_equal(ids, data.sample(500, seed=5)[0]))
 
+  def test_zipf_shape(self):
+    # P(rank r) = r^-s / H with s = 1.1 over 1000 ranks. Rank 1 vs rank 2:
+    # 2^1.1 = 2.14; rank 1 vs rank 10: 10^1.1 = 12.6.
+    data = synthetic.SyntheticCTR(num_fields=2, vocab_per_field=1000)
+    p = data.rank_probabilities()
+    self.assertAllClose(p[0] / p[1], 2 ** 1.1)
+    self.assertAllClose(p[0] / p[9], 10 ** 1.1)
+    ids, _ = data.sample(200_000, seed=0)
+    counts = np.bincount(ids[:, 0], minlength=1000)
+    # Empirical frequencies follow the law for the head ranks (+-5%).
+    self.assertAllClose(counts[:5] / counts.sum(), p[:5], rtol=0.05)
+    # A heavy tail: the top 1% of ids carry over a third of the mass,
+    # yet most ids are seen.
+    self.assertGreater(counts[:10].sum() / counts.sum(), 0.33)
+    self.assertGreater((counts > 0).mean(), 0.9)
+
+  def test_labels_follow_the_hidden_model(self):
+    data = synthetic.SyntheticCTR(num_fields=4, vocab_per_field=200)
+    ids, labels = data.sample(100_000, seed=7)
+    prob = 1.0 / (1.0 + np.exp(-data.logits(ids)))
+    # Calibration: in each decile of the true probability, the click rate
+    # matches the mean probability.
+    edges = np.quantile(prob, np.linspace(0, 1, 11))
+    bucket = np.clip(np.searchsorted(edges, prob, side="right") - 1, 0, 9)
+    for b in range(10):
+      in_b = bucket == b
+      self.assertAllClose(labels[in_b].mean(), prob[in_b].mean(), atol=0.02)
+    # The true probabilities rank examples best: their AUC is the ceiling
+    # that best_auc() reports (same sample, same value).
+    self.assertAlmostEqual(synthetic.auc(labels, prob),
+                           synthetic.auc(labels, data.logits(ids)))
+
+  def test_default_generator_meets_the_benchmark_spec(self):
+    data = synthetic.SyntheticCTR()
+    self.assertGreaterEqual(data.num_fields, 8)
+    self.assertGreaterEqual(data.vocab_size, 100_000)
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -175,8 +175,11 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
   cluster. Call inside a `dataset_fn`: the slow worker is chosen by the
   runtime worker index (see `worker_index`).
 
-  Apply it as the *last* stage: a `prefetch` after it would overlap the
-  sleep with the training step and hide the slowdown.
+  The sleep runs one batch ahead of training (a prefetch of 1 after it), so
+  a worker's step takes max(step_ms, its real compute), as on a worker
+  whose input pipeline and communication overlap its compute; a slow
+  worker delivers at most one batch per `slowdown * step_ms`, whatever it
+  buffered before.
 
   Args:
     dataset: batched dataset.
@@ -211,7 +214,8 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
         [endless, endless.apply(compat.data_sleep(extra_us))],
         endless.map(slow_now))
     dataset = tf.data.Dataset.zip((dataset, ticks)).map(lambda d, _: d)
-  # tf.data would otherwise inject a prefetch after the sleep (see above).
+  # One batch ahead and no more: tf.data would otherwise inject its own
+  # autotuned prefetch, letting a straggler bank a burst of batches.
   options = tf.data.Options()
   options.experimental_optimization.inject_prefetch = False
-  return dataset.with_options(options)
+  return dataset.prefetch(1).with_options(options)
