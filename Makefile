@@ -24,11 +24,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider -m "not cluster" --timeout=300
 
+# The main job: the quick benchmark (sync vs async vs GBA, healthy and with
+# worker 1 at 1/4 speed, 4 workers + 2 PS on localhost), ~3 minutes.
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/benchmark.py --quick
 
+# The full benchmark (every mode, 3 conditions, 3 repeats), <= 20 minutes.
 bench: $(STAMP)
-	$(PY) scripts/throughput.py
+	$(PY) scripts/benchmark.py
 
 clean:
 	rm -rf $(VENV) results build *.egg-info

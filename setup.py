@@ -9,6 +9,8 @@ setuptools.setup(
                  "asynchronous distributed training without re-tuning "
                  "(GBA, arXiv 2205.11048)."),
     packages=setuptools.find_packages(include=["gba_tf", "gba_tf.*"]),
+    # Compiled on first use by gba_tf/loopback.py.
+    package_data={"gba_tf": ["loopback.c"]},
     python_requires=">=3.10",
     install_requires=[
         # tensorflow-recommenders depends on the full `tensorflow` wheel, so

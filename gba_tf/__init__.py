@@ -11,12 +11,17 @@ _os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import callbacks
+from gba_tf import checkpoints
 from gba_tf import cluster
+from gba_tf import health
+from gba_tf import loopback
 from gba_tf import staleness
+from gba_tf import switching
 from gba_tf.config import GBAConfig
 from gba_tf.staleness import StalenessPolicy
 from gba_tf.strategy import GBAStrategy
 
-__all__ = ["GBAConfig", "GBAStrategy", "StalenessPolicy", "callbacks", "cluster",
-           "staleness"]
+__all__ = ["GBAConfig", "GBAStrategy", "StalenessPolicy", "callbacks",
+           "checkpoints", "cluster", "health", "loopback", "staleness",
+           "switching"]
 __version__ = "0.1.0"

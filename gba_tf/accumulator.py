@@ -190,19 +190,28 @@ class GradientAggregator:
     # ready, on its own clock) and the transfer of every gradient to its
     # shard's PS, so that the lock is held for PS-local work only.
     staged = [(slot, slot.stage(g), v) for slot, g, v in slots]
-    with tf.control_dependencies(
-        [g.values if isinstance(g, tf.IndexedSlices) else g
-         for _, g, _ in staged]):
+    tensors = [g.values if isinstance(g, tf.IndexedSlices) else g
+               for _, g, _ in staged]
+    with tf.control_dependencies(tensors):
       compute_seconds = tf.timestamp() - read_time
+    # A NaN or Inf from one worker (bad data, an overflow) would poison every
+    # later global step: checked next to each shard, before the lock, and
+    # the whole local gradient is rejected and counted.
+    checks = []
+    for tensor in tensors:
+      with tf.device(tensor.device):
+        checks.append(tf.reduce_all(tf.math.is_finite(tensor)))
+    finite = tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
     token = tf.identity(token)
     m = self.num_aggregate
 
     def locked_on_ps():
       tau = self.tokens.staleness(token)
       weight = self.policy.weight(tau)
-      accepted = self.policy.accepts(tau)
+      accepted = tf.logical_and(self.policy.accepts(tau), finite)
       counted = self.counters.record_push(
-          tau, token, worker_index, accepted, weight < 1.0, compute_seconds)
+          tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
+          finite)
 
       def push():
         ops = []

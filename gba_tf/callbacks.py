@@ -6,8 +6,8 @@ import tensorflow as tf
 
 # Counters reported as scalars; lists (histogram, per worker) go to
 # TensorBoard only, where they have a natural form.
-_SCALAR_KEYS = ("pushed", "applied", "decayed", "dropped", "pending",
-                "global_steps")
+_SCALAR_KEYS = ("pushed", "applied", "decayed", "dropped", "nonfinite",
+                "pending", "global_steps")
 
 
 class GBAMetrics(tf.keras.callbacks.Callback):

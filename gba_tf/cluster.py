@@ -31,8 +31,13 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-# Servers only listen on loopback: these clusters are for one machine.
-_HOST = "localhost"
+from gba_tf import loopback
+
+# Tasks address each other on loopback, and `LocalCluster` children only
+# listen there (gba_tf.loopback): these clusters are for one machine.
+# 127.0.0.1 rather than "localhost": the latter may resolve to ::1 first,
+# where nothing listens.
+_HOST = "127.0.0.1"
 # How long a child task may take to start its server before we give up.
 _STARTUP_TIMEOUT_S = 60.0
 # Grace period between SIGTERM and SIGKILL when tearing a cluster down.
@@ -246,6 +251,7 @@ class LocalCluster:
   def start_task(self, task_type: str, task_index: int) -> subprocess.Popen:
     """(Re)starts one task's server process."""
     env = dict(os.environ)
+    env.update(loopback.environment())
     env.update(self._env)
     env["TF_CONFIG"] = self.tf_config(task_type, task_index)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -292,16 +298,7 @@ class LocalCluster:
     return _resolver(self.spec, task_type="chief", task_id=0)
 
   def stop(self) -> None:
-    for proc in self.processes.values():
-      if proc.poll() is None:
-        proc.terminate()
-    deadline = time.monotonic() + _TERMINATE_GRACE_S
-    for proc in self.processes.values():
-      try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    terminate(self.processes.values())
     for f in self._logs:
       f.close()
     self._logs = []
@@ -311,6 +308,21 @@ class LocalCluster:
 
   def __exit__(self, *exc):
     self.stop()
+
+
+def terminate(processes) -> None:
+  """SIGTERM every live process, then SIGKILL what outlives the grace."""
+  processes = list(processes)
+  for proc in processes:
+    if proc.poll() is None:
+      proc.terminate()
+  deadline = time.monotonic() + _TERMINATE_GRACE_S
+  for proc in processes:
+    try:
+      proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
 
 
 def exit_now(code: int = 0) -> None:

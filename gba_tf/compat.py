@@ -9,9 +9,12 @@ upgrade breaks one module, and `tests/compat_test.py` says which hook moved.
 import functools
 from typing import Any, Optional
 
+import tensorflow as tf
+
 # pylint: disable=g-direct-tensorflow-import,unused-import
 from tensorflow.python.distribute import distribute_lib
 from tensorflow.python.distribute import parameter_server_strategy_v2
+from tensorflow.python.distribute.coordinator import cluster_coordinator as _cluster_coordinator
 from tensorflow.python.data.experimental.ops import testing as _data_testing
 from tensorflow.python.framework import ops
 # pylint: enable=g-direct-tensorflow-import,unused-import
@@ -45,6 +48,20 @@ def optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
   if optimizer is None or not hasattr(optimizer, "iterations"):
     return None
   return optimizer
+
+
+def unsupported_optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
+  """A TF1 `tf.compat.v1.train.Optimizer` applying gradients, else None.
+
+  Those apply through their own `_distributed_apply` merge function, which
+  GBA does not aggregate: they would silently train asynchronously.
+  """
+  while isinstance(merge_fn, functools.partial):
+    merge_fn = merge_fn.func
+  optimizer = getattr(merge_fn, "__self__", None)
+  if isinstance(optimizer, tf.compat.v1.train.Optimizer):
+    return optimizer
+  return None
 
 
 def is_weight_decay_merge_fn(merge_fn: Any) -> bool:
@@ -93,3 +110,8 @@ def disable_get_next_as_optional(strategy: Any) -> None:
   which hides who is slow. Only for datasets that repeat forever.
   """
   strategy.extended.experimental_enable_get_next_as_optional = False
+
+
+def is_ps_failure(error: BaseException) -> bool:
+  """Whether ClusterCoordinator would call `error` a lost parameter server."""
+  return _cluster_coordinator._is_ps_failure(error)  # pylint: disable=protected-access

@@ -19,7 +19,7 @@ import tensorflow as tf
 HISTOGRAM_SIZE = 33
 
 _SCALARS = ("pushed", "accepted", "applied", "decayed", "dropped",
-            "pending", "global_steps")
+            "nonfinite", "pending", "global_steps")
 
 
 class GBACounters:
@@ -31,7 +31,9 @@ class GBACounters:
     applied: gradients included in applied global steps (M per step).
     decayed: accepted gradients whose weight was < 1 (they are within
       `applied` or `pending`).
-    dropped: gradients staler than `max_staleness`.
+    dropped: gradients staler than `max_staleness` or not finite.
+    nonfinite: dropped gradients that held a NaN or Inf (a subset of
+      `dropped`): rejected before they reach the accumulator.
     pending: accepted gradients waiting for the next global step (< M).
     global_steps: optimizer steps applied by GBA.
     staleness_histogram: pushed gradients per tau (last bucket: tau >= 32).
@@ -61,10 +63,11 @@ class GBACounters:
           name="gba_worker_compute_seconds")
 
   def record_push(self, tau, token, worker_index, accepted, decayed,
-                  compute_seconds):
+                  compute_seconds, finite=True):
     """Ops that count one pushed gradient. Call inside the critical section."""
     one = tf.constant(1, tf.int64)
     a = tf.cast(accepted, tf.int64)
+    f = tf.cast(finite, tf.int64)
     bucket = tf.minimum(tau, HISTOGRAM_SIZE - 1)
     w = tf.reshape(tf.cast(worker_index, tf.int64), [1, 1])
     return [
@@ -72,6 +75,7 @@ class GBACounters:
         self.accepted.assign_add(a),
         self.pending.assign_add(a),
         self.dropped.assign_add(one - a),
+        self.nonfinite.assign_add(one - f),
         self.decayed.assign_add(a * tf.cast(decayed, tf.int64)),
         self.staleness_histogram.scatter_nd_add(
             tf.reshape(bucket, [1, 1]), [one]),

@@ -102,6 +102,14 @@ def define_flags() -> None:
       "straggler_until", 0.0,
       "Unix time at which the straggler recovers; 0 = never. Set by "
       "scripts/launch_local.py.")
+  flags.DEFINE_integer(
+      "straggler_period", 0,
+      "Seconds; > 0 makes the straggler move: every period a worker drawn "
+      "from the clock is the slow one (soak tests). 0: --straggler's index.")
+  flags.DEFINE_integer(
+      "inject_nonfinite_worker", -1,
+      "TEST ONLY: this worker's labels become NaN, so its gradients are not "
+      "finite (GBA must reject them). -1: none.")
   # Health monitor and switching.
   flags.DEFINE_integer("health_check_steps", 5,
                        "Optimizer steps between two health checks.")

@@ -84,6 +84,8 @@ class JobConfig:
   slow_worker: int
   slowdown: float
   straggler_until: float
+  straggler_period: int
+  inject_nonfinite_worker: int
   health_check_steps: int
   health_window: int
   health_slow_ratio: float
@@ -142,6 +144,13 @@ def config_from_flags(task: cluster_lib.TaskConfig,
     raise ValueError(f"Received: --mode={mode} without TF_CONFIG.")
   else:
     workers = 1
+  if f.straggler_period < 0:
+    raise ValueError(f"Received: --straggler_period={f.straggler_period}, "
+                     "which must be >= 0.")
+  if f.inject_nonfinite_worker >= workers:
+    raise ValueError(f"Received: --inject_nonfinite_worker="
+                     f"{f.inject_nonfinite_worker}, but there are only "
+                     f"{workers} workers.")
   if slow_worker >= workers:
     raise ValueError(f"Received: --straggler={f.straggler}, but there are "
                      f"only {workers} workers.")
@@ -166,6 +175,8 @@ def config_from_flags(task: cluster_lib.TaskConfig,
       train_examples=f.train_examples, test_examples=f.test_examples,
       eval_examples=f.eval_examples, backup=f.backup, seed=f.seed, step_ms=f.step_ms, slow_worker=slow_worker,
       slowdown=slowdown, straggler_until=f.straggler_until,
+      straggler_period=f.straggler_period,
+      inject_nonfinite_worker=f.inject_nonfinite_worker,
       health_check_steps=f.health_check_steps,
       health_window=f.health_window,
       health_slow_ratio=f.health_slow_ratio)
@@ -225,14 +236,20 @@ def load_data(config: JobConfig) -> _Data:
   """The job's train / test data (deterministic by `config.seed`)."""
   if config.dataset == "movielens":
     ml = movielens.load(seed=config.seed)
-    return _Data(ml.train_ids, ml.train_labels, ml.test_ids[
+    data = _Data(ml.train_ids, ml.train_labels, ml.test_ids[
         :config.test_examples], ml.test_labels[:config.test_examples],
                  ml.num_fields, ml.vocab_size, None)
-  gen = synthetic.SyntheticCTR(seed=config.seed)
-  train_ids, train_labels = gen.sample(config.train_examples, seed=1)
-  test_ids, test_labels = gen.sample(config.test_examples, seed=3)
-  return _Data(train_ids, train_labels, test_ids, test_labels,
-               gen.num_fields, gen.vocab_size, gen.best_auc())
+  else:
+    gen = synthetic.SyntheticCTR(seed=config.seed)
+    train_ids, train_labels = gen.sample(config.train_examples, seed=1)
+    test_ids, test_labels = gen.sample(config.test_examples, seed=3)
+    data = _Data(train_ids, train_labels, test_ids, test_labels,
+                 gen.num_fields, gen.vocab_size, gen.best_auc())
+  for ids, labels in ((data.train_ids, data.train_labels),
+                      (data.test_ids, data.test_labels)):
+    synthetic.validate_examples(ids, labels, data.num_fields,
+                                data.vocab_size)
+  return data
 
 
 def _scores(model, ids: np.ndarray) -> np.ndarray:
@@ -266,16 +283,16 @@ class _Progress(tf.keras.callbacks.Callback):
     self.seconds = 0.0
     self._begin = None
 
+  def on_train_begin(self, logs=None):
+    # The starting point of the curve (after BackupAndRestore, if any).
+    if self._ids is not None:
+      self._evaluate(self._samples(-1))
+
   def on_epoch_begin(self, epoch, logs=None):
     self._begin = time.perf_counter()
 
-  def on_epoch_end(self, epoch, logs=None):
+  def _evaluate(self, samples):
     start = time.perf_counter()
-    samples = self._samples(epoch)
-    previous = self._samples(epoch - 1) if epoch else self._samples(-1)
-    self.loops.append((samples - previous, start - self._begin))
-    if self._ids is None:
-      return
     logits = _scores(self.model, self._ids)
     self.points.append({
         "optimizer_steps": int(self.model.optimizer.iterations.numpy()),
@@ -283,6 +300,13 @@ class _Progress(tf.keras.callbacks.Callback):
         "auc": synthetic.auc(self._labels, logits),
         "logloss": _logloss(self._labels, logits)})
     self.seconds += time.perf_counter() - start
+
+  def on_epoch_end(self, epoch, logs=None):
+    samples = self._samples(epoch)
+    previous = self._samples(epoch - 1)
+    self.loops.append((samples - previous, time.perf_counter() - self._begin))
+    if self._ids is not None:
+      self._evaluate(samples)
 
   def steady_samples_per_s(self) -> Optional[float]:
     steady = self.loops[1:]
@@ -320,7 +344,10 @@ class Job:
         self.config.slow_worker, self.config.slowdown,
         shuffle_seed=self.config.seed, num_shards=self.config.num_workers,
         straggler_until=self.config.straggler_until,
-        global_batch_size=self.config.global_batch_size if sync else None)
+        global_batch_size=self.config.global_batch_size if sync else None,
+        straggler_period=self.config.straggler_period,
+        num_workers=self.config.num_workers,
+        nonfinite_worker=self.config.inject_nonfinite_worker)
 
   # -- phases -----------------------------------------------------------------
 
@@ -336,7 +363,17 @@ class Job:
         json.dump(self.config.to_dict(), f, indent=2)
     if self.config.mode == "sync":
       return self._train(self._sync_strategy(), sync=True)
-    return self._train(self._ps_strategy(), sync=False)
+    try:
+      return self._train(self._ps_strategy(), sync=False)
+    except Exception as e:  # pylint: disable=broad-except
+      if not compat.is_ps_failure(e):
+        raise
+      # The variables on the lost PS are gone; this process's eager context
+      # still points at it. Resume from the last checkpoint in a new phase.
+      _log(f"[job] lost a parameter server ({type(e).__name__}); exiting "
+           f"with {switching.EXIT_RESUME} to resume from the last "
+           "checkpoint")
+      return switching.EXIT_RESUME
 
   def _sync_strategy(self):
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
@@ -426,6 +463,9 @@ class Job:
                         strategy, sync, per_step)
     phase["steady_samples_per_s"] = (curve.steady_samples_per_s()
                                      if curve is not None else None)
+    # Where this run started: > the phase's checkpoint when BackupAndRestore
+    # resumed a preempted run.
+    phase["start_step"] = first
     checkpoints.save(ckpt_dir, model, optimizer, is_chief=self.task.is_chief)
     if health_cb is not None and health_cb.target and not finished:
       if self.task.is_chief:

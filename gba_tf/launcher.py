@@ -33,6 +33,7 @@ import time
 from typing import Dict, List, Optional, TextIO
 
 from gba_tf import cluster as cluster_lib
+from gba_tf import loopback
 from gba_tf import switching
 
 _TRAIN_SCRIPT = os.path.join(
@@ -41,12 +42,19 @@ _TRAIN_SCRIPT = os.path.join(
 # After the chief exits, the other sync workers finish their last step and
 # exit on their own; past this they are presumed stuck in a collective.
 _PEER_EXIT_GRACE_S = 30.0
-# Between SIGTERM and SIGKILL when stopping a phase.
-_TERMINATE_GRACE_S = 5.0
 # How often the launcher looks at its children.
 _POLL_S = 0.1
 # More phases than this means the job is flapping between modes.
 _MAX_PHASES = 20
+# A dead worker or PS server is restarted, as Kubernetes would (restartPolicy
+# OnFailure), after this delay: long enough for the chief to notice a lost
+# PS before a fresh, empty one answers on the same port.
+_RESTART_DELAY_S = {"worker": 1.0, "ps": 5.0}
+# Per task and phase; past it the task stays down (workers) or the job
+# fails (PS).
+_MAX_TASK_RESTARTS = 5
+# Phases restarted from the last checkpoint after a PS failure, per job.
+_MAX_RESUMES = 3
 
 
 @dataclasses.dataclass
@@ -70,13 +78,17 @@ class LocalLauncher:
     straggler_until: Unix time passed to every task; 0 = never recover.
     out: where the prefixed task logs go.
     env: extra environment variables for the tasks.
+    script: the training binary every task runs.
+    restart_tasks: in gba / async phases, restart a worker or PS server that
+      dies (a PS restart makes the chief resume from the last checkpoint);
+      False leaves dead workers down.
   """
 
   def __init__(self, train_args: List[str], workers: int, ps: int,
                mode: str, model_dir: str, straggler_until: float = 0.0,
                out: TextIO = sys.stdout,
                env: Optional[Dict[str, str]] = None,
-               script: str = _TRAIN_SCRIPT):
+               script: str = _TRAIN_SCRIPT, restart_tasks: bool = True):
     if workers < 1:
       raise ValueError(f"Received: workers={workers}, which must be >= 1.")
     if mode in ("gba", "async", "auto") and ps < 1:
@@ -91,14 +103,19 @@ class LocalLauncher:
     self.out = out
     self.env = dict(env or {})
     self.script = script
+    self.restart_tasks = restart_tasks
     self.phases: List[PhaseResult] = []
+    self.task_restarts: Dict[str, int] = {}
     self._procs: Dict[str, subprocess.Popen] = {}
+    self._spec: Dict[str, List[str]] = {}
+    self._args: List[str] = []
+    self._due: Dict[str, float] = {}
     self._threads: List[threading.Thread] = []
     self._lock = threading.Lock()
 
   # -- one phase ------------------------------------------------------------
 
-  def _spec(self, mode: str) -> Dict[str, List[str]]:
+  def _spec_for(self, mode: str) -> Dict[str, List[str]]:
     if mode == "sync":
       return cluster_lib.make_cluster_spec(self.workers, 0)
     return cluster_lib.make_cluster_spec(self.workers, self.ps, num_chief=1)
@@ -113,53 +130,90 @@ class LocalLauncher:
       self._say(f"[{name}] {raw.decode(errors='replace')}")
     stream.close()
 
+  def _spawn(self, job: str, index: int) -> None:
+    name = f"{job}:{index}"
+    env = dict(os.environ)
+    env.update(loopback.environment())
+    env.update(self.env)
+    env["TF_CONFIG"] = json.dumps(
+        {"cluster": self._spec, "task": {"type": job, "index": index}})
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    proc = subprocess.Popen([sys.executable, self.script] + self._args,
+                            env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    self._procs[name] = proc
+    thread = threading.Thread(target=self._forward, args=(name, proc.stdout),
+                              daemon=True)
+    thread.start()
+    self._threads.append(thread)
+    self._write_tasks()
+
+  def _write_tasks(self) -> None:
+    """`<model_dir>/tasks.json`: each running task's PID (for operators)."""
+    path = os.path.join(self.model_dir, "tasks.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump({name: proc.pid for name, proc in self._procs.items()}, f)
+    os.replace(path + ".tmp", path)
+
   def _start(self, mode: str) -> str:
-    spec = self._spec(mode)
-    chief = "worker:0" if mode == "sync" else "chief:0"
-    args = self.train_args + [f"--mode={self.mode}",
-                              f"--model_dir={self.model_dir}"]
+    self._spec = self._spec_for(mode)
+    self._args = self.train_args + [f"--mode={self.mode}",
+                                    f"--model_dir={self.model_dir}"]
     if self.straggler_until:
-      args.append(f"--straggler_until={self.straggler_until}")
+      self._args.append(f"--straggler_until={self.straggler_until}")
+    self._due = {}
     # Servers first, so the coordinator finds them listening.
     for job in ("ps", "worker", "chief"):
-      for index in range(len(spec.get(job, []))):
-        name = f"{job}:{index}"
-        env = dict(os.environ)
-        env.update(self.env)
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": spec, "task": {"type": job, "index": index}})
-        env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        proc = subprocess.Popen([sys.executable, self.script] + args, env=env,
-                                stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self._procs[name] = proc
-        thread = threading.Thread(target=self._forward,
-                                  args=(name, proc.stdout), daemon=True)
-        thread.start()
-        self._threads.append(thread)
-    return chief
+      for index in range(len(self._spec.get(job, []))):
+        self._spawn(job, index)
+    return "worker:0" if mode == "sync" else "chief:0"
+
+  def _handle_exit(self, mode: str, name: str, code: int) -> Optional[str]:
+    """A non-chief task ended; returns why the phase must stop, or None."""
+    job = name.split(":")[0]
+    if mode == "sync":
+      # A sync worker may finish (0) or stop to switch just before worker 0
+      # does; any other exit breaks the all-reduce for everyone.
+      if code in (0, switching.EXIT_SWITCH):
+        return None
+      return f"{name} exited with code {code}"
+    restarts = self.task_restarts.get(name, 0)
+    if self.restart_tasks and restarts < _MAX_TASK_RESTARTS:
+      self._say(f"[launcher] {name} exited with code {code}; restarting it "
+                f"in {_RESTART_DELAY_S[job]:.0f} s\n")
+      self._due[name] = time.monotonic() + _RESTART_DELAY_S[job]
+      return None
+    if job == "worker":
+      self._say(f"[launcher] {name} exited with code {code}; training "
+                "goes on without it\n")
+      return None
+    return f"{name} exited with code {code}"
 
   def _wait(self, mode: str, chief: str) -> PhaseResult:
     start = time.monotonic()
+    handled = set()
     while True:
       code = self._procs[chief].poll()
       if code is not None:
         break
-      for name, proc in self._procs.items():
-        finished = proc.poll() is not None
-        # A sync worker may finish (0) or stop to switch just before worker
-        # 0 does; PS-mode servers never exit on their own.
-        if finished and mode == "sync" and proc.returncode in (
-            0, switching.EXIT_SWITCH):
+      for name, proc in list(self._procs.items()):
+        if name == chief or name in handled or proc.poll() is None:
           continue
-        if name != chief and finished:
-          self._say(f"[launcher] {name} exited with code {proc.returncode}; "
-                    "stopping the job.\n")
+        handled.add(name)
+        failure = self._handle_exit(mode, name, proc.returncode)
+        if failure:
+          self._say(f"[launcher] {failure}; stopping the job.\n")
           self.stop()
           return PhaseResult(mode, proc.returncode or 1,
                              time.monotonic() - start, failed_task=name)
+      for name, due in list(self._due.items()):
+        if time.monotonic() >= due:
+          del self._due[name]
+          handled.discard(name)
+          self.task_restarts[name] = self.task_restarts.get(name, 0) + 1
+          job, index = name.split(":")
+          self._spawn(job, int(index))
       time.sleep(_POLL_S)
     if mode == "sync":
       deadline = time.monotonic() + _PEER_EXIT_GRACE_S
@@ -173,16 +227,7 @@ class LocalLauncher:
 
   def stop(self) -> None:
     """Stops every task of the current phase (SIGTERM, then SIGKILL)."""
-    for proc in self._procs.values():
-      if proc.poll() is None:
-        proc.terminate()
-    deadline = time.monotonic() + _TERMINATE_GRACE_S
-    for proc in self._procs.values():
-      try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    cluster_lib.terminate(self._procs.values())
     for thread in self._threads:
       thread.join(timeout=1.0)
     self._procs, self._threads = {}, []
@@ -192,11 +237,15 @@ class LocalLauncher:
   def run(self) -> int:
     """Runs phases until the job ends; returns the chief's exit code."""
     os.makedirs(self.model_dir, exist_ok=True)
+    if not loopback.environment():
+      self._say("[launcher] warning: no C compiler to build the loopback "
+                "shim; TensorFlow servers will listen on all interfaces.\n")
     previous = signal.getsignal(signal.SIGTERM)
     # A SIGTERM to the launcher (Ctrl-C arrives as KeyboardInterrupt) must
     # not leave orphaned servers holding ports.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+      resumes = 0
       for _ in range(_MAX_PHASES):
         mode = (switching.current_mode(self.model_dir)
                 if self.mode == "auto" else self.mode)
@@ -209,6 +258,12 @@ class LocalLauncher:
         self._say(f"[launcher] {mode} phase ended after "
                   f"{result.seconds:.1f} s with code {result.exit_code}\n")
         if result.exit_code == switching.EXIT_SWITCH and self.mode == "auto":
+          continue
+        if (result.exit_code == switching.EXIT_RESUME and
+            resumes < _MAX_RESUMES):
+          resumes += 1
+          self._say("[launcher] the chief lost a parameter server; "
+                    "restarting the phase from the last checkpoint\n")
           continue
         return result.exit_code
       self._say(f"[launcher] more than {_MAX_PHASES} phases; stopping.\n")

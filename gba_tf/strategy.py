@@ -224,6 +224,13 @@ class _GBAReplicaContext(compat.ReplicaContext):
       return None
     optimizer = compat.optimizer_of_merge_fn(merge_fn)
     if optimizer is None:
+      unsupported = compat.unsupported_optimizer_of_merge_fn(merge_fn)
+      if unsupported is not None:
+        raise ValueError(
+            f"Received: optimizer={type(unsupported).__name__}, a TF1 "
+            "tf.compat.v1.train.Optimizer, which GBAStrategy cannot "
+            "aggregate; use a tf.keras optimizer (e.g. "
+            "tf.keras.optimizers.Adagrad).")
       return super().merge_call(merge_fn, args, kwargs)
     grads_and_vars = list(args[0])
     rest = tuple(args[1:])

@@ -44,6 +44,9 @@ from gba_tf import health
 # Exit status of a task that stopped to switch modes: EX_TEMPFAIL from
 # sysexits.h, "try again": the launcher relaunches instead of failing.
 EXIT_SWITCH = 75
+# Exit status of a chief that lost a parameter server: the launcher restarts
+# the phase, which resumes from the last checkpoint (EX_PROTOCOL + 0 = 76).
+EXIT_RESUME = 76
 
 STATE_FILE = "switch_state.json"
 SWITCHABLE_MODES = ("sync", "gba")

@@ -264,6 +264,14 @@ def table(summary) -> str:
         f"{_fmt(e['speed_vs_ideal'], '8.2f')} {auc:>15} "
         f"{_fmt(e['auc_vs_sync_healthy'], '+8.4f')} "
         f"{e['test_logloss']:8.4f}")
+  lines.append("")
+  lines.append("staleness histograms (tau:count, summed over repeats):")
+  for e in summary:
+    hist = e["staleness_histogram"]
+    if hist:
+      last = max(t for t, n in enumerate(hist) if n) if any(hist) else 0
+      lines.append(f"  {e['condition']:10} {e['mode']:18} " + " ".join(
+          f"{t}:{n}" for t, n in enumerate(hist[:last + 1])))
   return "\n".join(lines)
 
 

@@ -45,8 +45,10 @@ def main(argv):
     until = start + FLAGS.straggler_seconds if FLAGS.straggler_seconds else 0
     # Every task gets this command's own arguments (flagfile, overrides).
     launcher = launcher_lib.LocalLauncher(
-        sys.argv[1:], workers=FLAGS.workers, ps=FLAGS.ps, mode=FLAGS.mode,
-        model_dir=model_dir, straggler_until=until)
+        [a for a in sys.argv[1:] if "restart_tasks" not in a],
+        workers=FLAGS.workers, ps=FLAGS.ps, mode=FLAGS.mode,
+        model_dir=model_dir, straggler_until=until,
+        restart_tasks=FLAGS.restart_tasks)
   except ValueError as e:
     print(f"launch_local.py: error: {e}", file=sys.stderr)
     return 2
@@ -60,6 +62,15 @@ def main(argv):
   return code
 
 
-if __name__ == "__main__":
+def define_flags():
   gba_flags.define_flags()
+  flags.DEFINE_bool(
+      "restart_tasks", True,
+      "In gba / async phases, restart a worker or PS that dies, as "
+      "Kubernetes would; a lost PS makes the chief resume from the last "
+      "checkpoint. --norestart_tasks leaves dead workers down.")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

@@ -54,7 +54,10 @@ class LocalClusterTest(tf.test.TestCase):
       self.assertLen(procs, 2)
       self.assertTrue(all(p.poll() is None for p in procs))
       for address in cluster.spec["worker"] + cluster.spec["ps"]:
-        self.assertTrue(address.startswith("localhost:"))
+        self.assertTrue(address.startswith("127.0.0.1:"))
+        # The servers listen on loopback only, not on every interface.
+        self.assertEqual(gba_tf.loopback.listening_addresses(
+            int(address.rsplit(":", 1)[1])), ["127.0.0.1"])
       cluster.kill_task("worker", 0)
       self.assertIsNotNone(cluster.processes["worker:0"].poll())
     self.assertTrue(all(p.poll() is not None for p in procs))

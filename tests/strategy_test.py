@@ -209,6 +209,34 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
                      (40, 40, 10))
     self.assertTrue(all(n > 0 for n in m["worker_pushed"]))
 
+  def test_non_finite_gradients_are_rejected_and_counted(self):
+    # M = 2, SGD lr = 1, no decay. Pushes: F1, then a push whose dense
+    # gradient holds a NaN and one whose embedding gradient holds an Inf
+    # (both rejected whole, neither touches any buffer), then F2: the one
+    # global step applies (F1 + F2) / 2 exactly, as if the bad pushes had
+    # never happened.
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1,
+                              decay="none", max_staleness=None)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: tf.keras.optimizers.SGD(1.0))
+    nan_dense = ([0, 1, 2], [[1, 1], [1, 1], [1, 1]], [np.nan, 1])
+    inf_sparse = ([3, 4, 5], [[np.inf, 0], [0, 1], [1, 1]], [1, 1])
+    h.run(F1)
+    h.run(nan_dense)
+    h.run(inf_sparse)
+    h.run(F2)
+    w, table = h.params()
+    g1, e1 = _np_grads(*F1)
+    g2, e2 = _np_grads(*F2)
+    self.assertAllClose(w, -(g1 + g2) / 2)
+    self.assertAllClose(table, -(e1 + e2) / 2)
+    self.assertTrue(np.isfinite(table).all())
+    m = strategy.gba_metrics()
+    self.assertEqual((m["pushed"], m["applied"], m["dropped"], m["nonfinite"],
+                      m["pending"], m["global_steps"]), (4, 2, 2, 2, 0, 1))
+    self.assertEqual(sum(m["worker_dropped"]), 2)
+
   def test_legacy_optimizer_is_aggregated_too(self):
     # The legacy optimizer_v2 reaches merge_call through functools.partial;
     # it must not bypass GBA. M = 2, SGD lr = 1: after F1, F2 the change is

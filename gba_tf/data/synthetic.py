@@ -110,11 +110,38 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def validate_examples(ids, labels, num_fields: Optional[int] = None,
+                      vocab_size: Optional[int] = None) -> None:
+  """Checks a CTR example array before any training starts.
+
+  Raises:
+    ValueError: naming the bad dtype or shape: ids must be integers
+      [n, num_fields], labels numbers [n] or [n, 1] in [0, 1].
+  """
+  ids, labels = np.asarray(ids), np.asarray(labels)
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or (
+      num_fields is not None and ids.shape[1] != num_fields):
+    expected = f"[n, {num_fields}]" if num_fields else "[n, fields]"
+    raise ValueError(f"Received: ids of dtype {ids.dtype} and shape "
+                     f"{ids.shape}; expected integer ids {expected}.")
+  if labels.shape not in ((len(ids),), (len(ids), 1)) or not (
+      np.issubdtype(labels.dtype, np.number) or labels.dtype == bool):
+    raise ValueError(f"Received: labels of dtype {labels.dtype} and shape "
+                     f"{labels.shape}; expected {len(ids)} numeric labels.")
+  if len(ids) == 0:
+    raise ValueError("Received: 0 examples.")
+  if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
+    raise ValueError(f"Received: ids in [{ids.min()}, {ids.max()}], outside "
+                     f"the vocabulary [0, {vocab_size}).")
+
+
 def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
                step_ms: float = 0.0, slow_worker: int = -1,
                slowdown: float = 1.0, shuffle_seed=None, *,
                num_shards: int = 1, straggler_until: float = 0.0,
-               global_batch_size: Optional[int] = None):
+               global_batch_size: Optional[int] = None,
+               straggler_period: float = 0.0, num_workers: int = 1,
+               nonfinite_worker: int = -1):
   """A `dataset_fn` for `DatasetCreator` / per-worker datasets.
 
   Repeats `(ids, labels[:, None])` in batches, optionally shuffled, with the
@@ -127,6 +154,7 @@ def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
   `input_context` computes (MultiWorkerMirroredStrategy: global / workers);
   otherwise `local_batch_size`.
   """
+  validate_examples(ids, labels)
   labels = np.asarray(labels, np.float32).reshape(-1, 1)
 
   def fn(input_context=None):
@@ -139,9 +167,14 @@ def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
       ds = ds.shard(num_shards, tf.maximum(tf.cast(index, tf.int64), 0))
     if shuffle_seed is not None:
       ds = ds.shuffle(8192, seed=shuffle_seed)
-    ds = ds.repeat().batch(batch, drop_remainder=True).prefetch(2)
+    ds = ds.repeat().batch(batch, drop_remainder=True)
+    if nonfinite_worker >= 0:
+      poisoned = tf.equal(index, nonfinite_worker)
+      ds = ds.map(lambda x, y: (x, tf.where(poisoned, y * np.nan, y)))
+    ds = ds.prefetch(2)
     return with_straggler(ds, step_ms, slow_worker, slowdown,
-                          until=straggler_until, index=index)
+                          until=straggler_until, index=index,
+                          period=straggler_period, num_workers=num_workers)
 
   return fn
 
@@ -166,7 +199,8 @@ def worker_index(input_context=None):
 
 def with_straggler(dataset: tf.data.Dataset, step_ms: float,
                    slow_worker: int = -1, slowdown: float = 1.0,
-                   until: float = 0.0, index=None):
+                   until: float = 0.0, index=None, period: float = 0.0,
+                   num_workers: int = 1):
   """Emulates per-step compute time, with one worker `slowdown` times slower.
 
   On a machine with fewer cores than workers, real compute would make all
@@ -190,6 +224,10 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
     until: Unix time after which the straggler recovers (checked per batch
       on the worker's clock); 0 for never.
     index: this worker's index tensor; default `worker_index()`.
+    period: > 0 moves the straggler: during second t the slow worker is
+      hash(floor(t / period)) mod num_workers, on every worker's clock
+      (`slow_worker` then only needs to be >= 0).
+    num_workers: workers the moving straggler is drawn from.
   """
   if step_ms < 0 or slowdown < 1.0:
     raise ValueError(f"Received: step_ms={step_ms}, slowdown={slowdown}; "
@@ -200,11 +238,19 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
   if slow_worker >= 0 and extra_us > 0:
     if index is None:
       index = worker_index()
-    is_slow = tf.equal(tf.cast(index, tf.int64), slow_worker)
+    index = tf.cast(index, tf.int64)
 
     def slow_now(_):
-      still = tf.constant(True) if not until else tf.timestamp() < until
-      return tf.cast(tf.logical_and(is_slow, still), tf.int64)
+      now = tf.timestamp()
+      if period > 0:
+        # Knuth's multiplicative hash of the period number: a different,
+        # clock-synchronised draw per period on every worker.
+        epoch = tf.cast(tf.floor(now / period), tf.int64)
+        slow = tf.math.floormod(epoch * 2654435761, num_workers)
+      else:
+        slow = tf.constant(slow_worker, tf.int64)
+      still = tf.constant(True) if not until else now < until
+      return tf.cast(tf.logical_and(tf.equal(index, slow), still), tf.int64)
 
     # The extra sleep sits in a second stream that is only pulled from while
     # the worker is slow: the sleep op's duration is fixed when the

@@ -1,0 +1,148 @@
+"""Soak test (opt-in, not CI): long GBA training with a straggler that moves.
+
+Runs the benchmark job (`configs/benchmark.cfg`: 4 workers + 2 PS, DCN-v2)
+in GBA mode for `--minutes`, with the slow worker (1/4 speed) re-drawn every
+`--straggler_period` seconds, and samples every task's resident memory
+(VmRSS) every `--sample_seconds`. GBA's accumulators are fixed-shape
+variables allocated once per shard, so the PS memory must stay flat; the
+report says whether it did.
+
+  python scripts/soak.py --minutes=30
+
+Writes `results/soak.json` (samples, growth per task, training progress) and
+`results/soak_memory.png`.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def define_flags():
+  flags.DEFINE_float("minutes", 30.0, "How long to train.")
+  flags.DEFINE_integer("straggler_period", 60,
+                       "Seconds between two draws of the slow worker.")
+  flags.DEFINE_float("sample_seconds", 10.0, "Memory sampling interval.")
+  flags.DEFINE_string("out_dir", os.path.join(_ROOT, "results"),
+                      "Where soak.json and soak_memory.png go.")
+
+
+def _rss_mib(pid):
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    return None
+  return None
+
+
+def main(argv):
+  del argv
+  model_dir = tempfile.mkdtemp(prefix="gba_soak_")
+  cmd = [sys.executable, os.path.join(_ROOT, "scripts", "launch_local.py"),
+         f"--flagfile={os.path.join(_ROOT, 'configs', 'benchmark.cfg')}",
+         "--mode=gba", "--straggler=0:4",
+         f"--straggler_period={FLAGS.straggler_period}",
+         "--train_steps=100000000", "--steps_per_loop=200",
+         "--eval_examples=0", f"--model_dir={model_dir}"]
+  print("soak:", " ".join(cmd[1:]), flush=True)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  log_path = os.path.join(FLAGS.out_dir, "soak.log")
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  epochs = []
+
+  def read():
+    with open(log_path, "w") as log:
+      for line in proc.stdout:
+        log.write(line)
+        match = re.search(r"\[chief:0\] Epoch (\d+)/", line)
+        if match:
+          epochs.append((time.monotonic(), int(match.group(1))))
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  start = time.monotonic()
+  samples = []
+  deadline = start + FLAGS.minutes * 60
+  while time.monotonic() < deadline and proc.poll() is None:
+    time.sleep(FLAGS.sample_seconds)
+    try:
+      with open(os.path.join(model_dir, "tasks.json")) as f:
+        tasks = json.load(f)
+    except (OSError, ValueError):
+      continue
+    row = {"minutes": (time.monotonic() - start) / 60.0}
+    row.update({name: _rss_mib(pid) for name, pid in tasks.items()})
+    samples.append(row)
+    loops = epochs[-1][1] if epochs else 0
+    print(f"[soak] {row['minutes']:5.1f} min, loop {loops}: " + ", ".join(
+        f"{k} {v:.0f} MiB" for k, v in row.items()
+        if k != "minutes" and v is not None), flush=True)
+  alive = proc.poll() is None
+  if alive:
+    os.killpg(proc.pid, signal.SIGTERM)
+  proc.wait(timeout=60)
+  reader.join(timeout=10)
+
+  # Growth: last tenth of the samples against the tenth after warm-up
+  # (the first minute is TF start-up and tracing).
+  steady = [s for s in samples if s["minutes"] >= 1.0] or samples
+  tenth = max(1, len(steady) // 10)
+  growth = {}
+  for name in sorted({k for s in steady for k in s if k != "minutes"}):
+    values = [s[name] for s in steady if s.get(name) is not None]
+    if len(values) >= 2:
+      first = sorted(values[:tenth])[len(values[:tenth]) // 2]
+      last = sorted(values[-tenth:])[len(values[-tenth:]) // 2]
+      growth[name] = {"first_mib": first, "last_mib": last,
+                      "growth_mib": last - first, "max_mib": max(values)}
+  loops = epochs[-1][1] - 1 if epochs else 0
+  report = {"minutes": FLAGS.minutes, "straggler_period": FLAGS.straggler_period,
+            "ran_to_the_end": alive, "loops_completed": loops,
+            "optimizer_steps": loops * 200, "samples": samples,
+            "growth": growth, "log": log_path}
+  with open(os.path.join(FLAGS.out_dir, "soak.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  print("\ntask      first MiB  last MiB  growth  max")
+  for name, g in growth.items():
+    print(f"{name:9} {g['first_mib']:9.0f} {g['last_mib']:9.0f} "
+          f"{g['growth_mib']:+7.1f} {g['max_mib']:5.0f}")
+  print(f"ran to the end: {alive}; about {loops * 200} optimizer steps")
+
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for name in growth:
+    ax.plot([s["minutes"] for s in samples if s.get(name) is not None],
+            [s[name] for s in samples if s.get(name) is not None],
+            label=name)
+  ax.set_xlabel("minutes")
+  ax.set_ylabel("resident memory (MiB)")
+  ax.set_title("GBA soak: moving 1/4-speed straggler, 4 workers + 2 PS")
+  ax.legend(fontsize=8, ncol=2)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(FLAGS.out_dir, "soak_memory.png"), dpi=100)
+  return 0 if alive else 1
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,76 @@
+"""The benchmark's smallest path, end to end: every mode trains.
+
+Runs `scripts/benchmark.py --tiny` (2 workers, a straggler, a few steps of
+every mode) as a user would and checks the JSON it writes: the schema, that
+every mode trained (held-out loss fell, AUC above chance) on the same number
+of samples, and that the plots are PNG files.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import tensorflow as tf
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MODES = ("sync", "async", "gba", "backup_workers", "bounded_staleness")
+_RUN_KEYS = {"condition": str, "mode": str, "repeat": int,
+             "samples_per_s": float, "samples": int, "test_auc": float,
+             "test_logloss": float, "optimizer_steps": int, "curve": list,
+             "train_seconds": float, "wall_seconds": float}
+_SUMMARY_KEYS = {"condition": str, "mode": str, "runs": int,
+                 "samples_per_s": float, "test_auc": float,
+                 "speed_vs_sync": float, "speed_vs_ideal": float,
+                 "ideal_samples_per_s": float}
+
+
+@pytest.mark.cluster
+class BenchmarkTinyTest(tf.test.TestCase):
+
+  def test_every_mode_trains_and_the_json_has_the_schema(self):
+    out = tempfile.mkdtemp(prefix="gba_bench_test_")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "scripts", "benchmark.py"),
+         "--tiny", f"--out_dir={out}"],
+        cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] +
+                     proc.stderr[-3000:])
+    self.assertIn("x sync", proc.stdout)  # the table was printed
+    with open(os.path.join(out, "benchmark_tiny.json")) as f:
+      report = json.load(f)
+    self.assertEqual(report["schema_version"], 1)
+    runs = report["runs"]
+    self.assertCountEqual([r["mode"] for r in runs], _MODES)
+    for run in runs:
+      for key, kind in _RUN_KEYS.items():
+        self.assertIsInstance(run[key], kind, f"{run['mode']}: {key}")
+      curve = run["curve"]
+      self.assertGreaterEqual(len(curve), 2, run["mode"])
+      # Trained: held-out loss fell from the starting point, AUC > chance.
+      self.assertLess(curve[-1]["logloss"], curve[0]["logloss"], run["mode"])
+      self.assertGreater(run["test_auc"], 0.5, run["mode"])
+      self.assertGreater(run["samples_per_s"], 0, run["mode"])
+    # The same job in every mode: the same number of samples.
+    self.assertLen({r["samples"] for r in runs}, 1)
+    gba = next(r for r in runs if r["mode"] == "gba")
+    counters = gba["gba_counters"]
+    self.assertEqual(counters["pushed"], counters["applied"] +
+                     counters["dropped"] + counters["pending"])
+    self.assertEqual(sum(gba["staleness_histogram"]), counters["pushed"])
+    summary = report["summary"]
+    self.assertLen(summary, len(_MODES))
+    for entry in summary:
+      for key, kind in _SUMMARY_KEYS.items():
+        self.assertIsInstance(entry[key], kind, f"{entry['mode']}: {key}")
+    sync = next(e for e in summary if e["mode"] == "sync")
+    self.assertAlmostEqual(sync["speed_vs_sync"], 1.0)
+    for name in ("benchmark_tiny_auc.png", "benchmark_tiny_throughput.png"):
+      with open(os.path.join(out, name), "rb") as f:
+        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", name)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,177 @@
+"""Faults injected into real processes through the local launcher.
+
+A GBA job (2 workers + 1 PS + chief, `configs/local_gba.cfg`) runs in the
+background; the test reads the task PIDs from `<model_dir>/tasks.json` and
+SIGKILLs one once training is under way (the chief has printed a given
+Keras epoch), then checks what the job wrote.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+import tensorflow as tf
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FLAGFILE = os.path.join(_ROOT, "configs", "local_gba.cfg")
+# Every run: 240 optimizer steps of 2 local steps, 20 ms each, in loops of
+# 40 steps (one BackupAndRestore checkpoint per loop).
+_ARGS = ["--mode=gba", "--train_steps=240", "--steps_per_loop=40",
+         "--eval_examples=0"]
+
+
+class _Job:
+  """`launch_local.py` in the background, its output collected."""
+
+  def __init__(self, model_dir, *extra):
+    self.model_dir = model_dir
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(_ROOT, "scripts", "launch_local.py"),
+         f"--flagfile={_FLAGFILE}", f"--model_dir={model_dir}", *_ARGS,
+         *extra], cwd=_ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line)
+
+  @property
+  def output(self):
+    return "".join(self.lines)
+
+  def wait_for(self, text, timeout=180):
+    deadline = time.monotonic() + timeout
+    while text not in self.output:
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        raise AssertionError(f"never saw {text!r}:\n{self.output[-3000:]}")
+      time.sleep(0.1)
+
+  def kill(self, task):
+    with open(os.path.join(self.model_dir, "tasks.json")) as f:
+      os.kill(json.load(f)[task], signal.SIGKILL)
+
+  def finish(self, timeout=300):
+    self.proc.wait(timeout=timeout)
+    self._reader.join(timeout=5)
+    return self.proc.returncode
+
+
+def _read(model_dir, name):
+  with open(os.path.join(model_dir, name)) as f:
+    if name.endswith(".jsonl"):
+      return [json.loads(line) for line in f]
+    return json.load(f)
+
+
+def _assert_conserved(test, gba):
+  # No global step applied twice, none lost: every pushed gradient is
+  # applied, dropped or pending, and steps apply exactly M = 2 each.
+  test.assertEqual(gba["pushed"],
+                   gba["applied"] + gba["dropped"] + gba["pending"])
+  test.assertEqual(gba["applied"], 2 * gba["global_steps"])
+
+
+@pytest.mark.cluster
+class FaultsTest(tf.test.TestCase):
+
+  def test_worker_killed_and_restarted(self):
+    model_dir = tempfile.mkdtemp(prefix="gba_kill_worker_")
+    job = _Job(model_dir)
+    job.wait_for("[chief:0] Epoch 2/")
+    job.kill("worker:1")
+    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    self.assertIn("[launcher] worker:1 exited with code -9; restarting it",
+                  job.output)
+    phase = _read(model_dir, "phases.jsonl")[-1]
+    gba = phase["gba"]
+    _assert_conserved(self, gba)
+    self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],
+                     gba["global_steps"])
+    # At least once: the killed worker's in-flight step may be pushed again
+    # by another worker, never lost.
+    self.assertGreaterEqual(gba["pushed"], 480)
+    self.assertLessEqual(gba["pushed"], 480 + 4)
+    # The restarted worker trained on: its last gradient carried a token
+    # read near the end (fresh tokens, not one from before the kill), and
+    # no gradient in the job was staler than a few steps.
+    self.assertGreater(gba["worker_last_token"][1],
+                       gba["global_steps"] - 20)
+    worst = max(t for t, n in enumerate(gba["staleness_histogram"]) if n)
+    self.assertLessEqual(worst, 6)
+
+  def test_worker_killed_without_restart(self):
+    model_dir = tempfile.mkdtemp(prefix="gba_lose_worker_")
+    job = _Job(model_dir, "--norestart_tasks")
+    job.wait_for("[chief:0] Epoch 2/")
+    job.kill("worker:1")
+    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    self.assertIn("worker:1 exited with code -9; training goes on without it",
+                  job.output)
+    gba = _read(model_dir, "phases.jsonl")[-1]["gba"]
+    _assert_conserved(self, gba)
+    self.assertGreaterEqual(gba["pushed"], 480)
+    # Worker 0 did the rest alone.
+    self.assertGreater(gba["worker_pushed"][0], 240)
+    self.assertLess(gba["worker_last_token"][1], gba["global_steps"] - 20)
+
+  def test_ps_killed_resumes_from_last_checkpoint(self):
+    model_dir = tempfile.mkdtemp(prefix="gba_kill_ps_")
+    job = _Job(model_dir)
+    # Loops 1 and 2 (80 steps) are done and backed up once epoch 3 starts.
+    job.wait_for("[chief:0] Epoch 3/")
+    job.kill("ps:0")
+    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    self.assertIn("lost a parameter server", job.output)
+    self.assertIn("restarting the phase from the last checkpoint",
+                  job.output)
+    launch = _read(model_dir, "launch.json")
+    self.assertEqual([p["exit_code"] for p in launch["phases"]], [76, 0])
+    phase = _read(model_dir, "phases.jsonl")[-1]
+    # Resumed from the backup of loop 2 or later: at most one loop (40
+    # steps) of work was lost, and the job still ends at 240 steps.
+    self.assertGreaterEqual(phase["start_step"], 80)
+    self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],
+                     240)
+    _assert_conserved(self, phase["gba"])
+
+  def test_chief_killed_then_rerun_resumes(self):
+    model_dir = tempfile.mkdtemp(prefix="gba_kill_chief_")
+    job = _Job(model_dir)
+    job.wait_for("[chief:0] Epoch 3/")
+    job.kill("chief:0")
+    self.assertNotEqual(job.finish(), 0)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "result.json")))
+    rerun = _Job(model_dir)
+    self.assertEqual(rerun.finish(), 0, rerun.output[-3000:])
+    phase = _read(model_dir, "phases.jsonl")[-1]
+    self.assertGreaterEqual(phase["start_step"], 80)
+    self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],
+                     240)
+
+  def test_nonfinite_gradients_from_one_worker_are_rejected(self):
+    model_dir = tempfile.mkdtemp(prefix="gba_nan_")
+    job = _Job(model_dir, "--inject_nonfinite_worker=1", "--train_steps=60")
+    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    gba = _read(model_dir, "phases.jsonl")[-1]["gba"]
+    # Every gradient of worker 1 is rejected and counted, none applied.
+    self.assertGreater(gba["worker_pushed"][1], 0)
+    self.assertEqual(gba["nonfinite"], gba["worker_pushed"][1])
+    self.assertEqual(gba["worker_dropped"][1], gba["worker_pushed"][1])
+    _assert_conserved(self, gba)
+    # The model trained on worker 0's gradients and is finite.
+    result = _read(model_dir, "result.json")
+    self.assertGreater(result["test_auc"], 0.55)
+    self.assertTrue(all(p == p for p in [result["test_logloss"]]))
+
+
+if __name__ == "__main__":
+  tf.test.main()
