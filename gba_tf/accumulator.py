@@ -17,6 +17,11 @@ Aggregation (arXiv 2205.11048, Sec. 3.2): the global step applies
   synchronous training: tf_keras deduplicates a synchronous global batch's
   sparse gradient into the same summed unique rows.
 
+Each push first stages its gradients on their shards' PS tasks and checks
+there that they are finite; only then does it take the lock, so the lock is
+held for PS-local work (plus one hop per other PS task). A gradient with a
+NaN or Inf is rejected whole and counted (`nonfinite`, within `dropped`).
+
 Thread-safety: `push_and_maybe_apply` builds ops that run under the critical
 section; building (tracing) is done by one Python thread at a time.
 """
@@ -202,7 +207,6 @@ class GradientAggregator:
       with tf.device(tensor.device):
         checks.append(tf.reduce_all(tf.math.is_finite(tensor)))
     finite = tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
-    token = tf.identity(token)
     m = self.num_aggregate
 
     def locked_on_ps():

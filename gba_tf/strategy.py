@@ -137,6 +137,12 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
       under contention) and lose slots of sharded variables in checkpoints.
     * Decoupled weight decay (`weight_decay=`, AdamW) is applied once per
       global step, at apply time.
+    * A local gradient holding a NaN or Inf is rejected before aggregation
+      and counted in `gba_metrics()["nonfinite"]`; TF1
+      `tf.compat.v1.train.Optimizer`s are refused with a ValueError.
+    * Every push takes one lock on the first PS task; the aggregation cost
+      is measured in README "Results" (it caps GBA's local steps/s below
+      plain ParameterServerStrategy's).
   """
 
   def __init__(self,

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from gba_tf.models import common
+
 
 def dcn_v2(num_fields: int, vocab_size: int, embedding_dim: int = 8,
            num_cross_layers: int = 2, projection_dim: Optional[int] = None,
@@ -33,11 +35,8 @@ def dcn_v2(num_fields: int, vocab_size: int, embedding_dim: int = 8,
     deep: units of the MLP after the cross network.
     seed: initializer seed.
   """
-  ids = tf.keras.Input(shape=(num_fields,), dtype=tf.int64, name="ids")
-  x = tf.keras.layers.Embedding(
-      vocab_size, embedding_dim, name="embedding",
-      embeddings_initializer=tf.keras.initializers.RandomUniform(
-          -0.05, 0.05, seed=seed))(ids)
+  ids, x = common.ids_and_embeddings(num_fields, vocab_size, embedding_dim,
+                                    seed)
   x0 = tf.keras.layers.Flatten()(x)
   x = x0
   for i in range(num_cross_layers):
@@ -45,12 +44,6 @@ def dcn_v2(num_fields: int, vocab_size: int, embedding_dim: int = 8,
         projection_dim=projection_dim, name=f"cross_{i}",
         kernel_initializer=tf.keras.initializers.GlorotUniform(seed + 1 + i)
     )(x0, x)
-  for i, units in enumerate(deep):
-    x = tf.keras.layers.Dense(
-        units, activation="relu", name=f"deep_{i}",
-        kernel_initializer=tf.keras.initializers.GlorotUniform(seed + 50 + i)
-    )(x)
-  logits = tf.keras.layers.Dense(
-      1, name="logits",
-      kernel_initializer=tf.keras.initializers.GlorotUniform(seed + 100))(x)
-  return tf.keras.Model(ids, logits, name="dcn_v2")
+  x = common.relu_stack(x, deep, "deep", seed + 50)
+  return tf.keras.Model(ids, common.logit(x, "logits", seed + 100),
+                        name="dcn_v2")

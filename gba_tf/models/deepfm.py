@@ -11,6 +11,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from gba_tf.models import common
+
 
 class FactorizationMachine(tf.keras.layers.Layer):
   """Second-order FM term: sum_{i<j} <v_i, v_j> per example (paper Eq. 3).
@@ -42,24 +44,15 @@ def deepfm(num_fields: int, vocab_size: int, embedding_dim: int = 8,
   the first-order weights. Both are single variables that a
   `variable_partitioner` shards.
   """
-  ids = tf.keras.Input(shape=(num_fields,), dtype=tf.int64, name="ids")
-  embeddings = tf.keras.layers.Embedding(
-      vocab_size, embedding_dim, name="embedding",
-      embeddings_initializer=tf.keras.initializers.RandomUniform(
-          -0.05, 0.05, seed=seed))(ids)
+  ids, embeddings = common.ids_and_embeddings(num_fields, vocab_size,
+                                             embedding_dim, seed)
   first_order = tf.keras.layers.Embedding(
       vocab_size, 1, name="linear",
       embeddings_initializer="zeros")(ids)
   linear = SumFields(name="linear_sum")(first_order)
   fm = FactorizationMachine(name="fm")(embeddings)
   x = tf.keras.layers.Flatten()(embeddings)
-  for i, units in enumerate(deep):
-    x = tf.keras.layers.Dense(
-        units, activation="relu", name=f"deep_{i}",
-        kernel_initializer=tf.keras.initializers.GlorotUniform(seed + 1 + i)
-    )(x)
-  deep_logit = tf.keras.layers.Dense(
-      1, name="deep_logit",
-      kernel_initializer=tf.keras.initializers.GlorotUniform(seed + 100))(x)
+  x = common.relu_stack(x, deep, "deep", seed + 1)
+  deep_logit = common.logit(x, "deep_logit", seed + 100)
   logits = tf.keras.layers.Add(name="logits")([linear, fm, deep_logit])
   return tf.keras.Model(ids, logits, name="deepfm")
