@@ -77,8 +77,8 @@ def environment() -> Dict[str, str]:
   return {"LD_PRELOAD": f"{path} {preload}" if preload else path}
 
 
-def listening_addresses(port: int):
-  """Local addresses listening on TCP `port` (from /proc/net/tcp{,6})."""
+def _listening(predicate):
+  """(address, port, inode) of LISTEN sockets in /proc/net/tcp{,6}."""
   found = []
   for name, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
     try:
@@ -89,9 +89,29 @@ def listening_addresses(port: int):
     for line in lines:
       fields = line.split()
       address, hex_port = fields[1].split(":")
-      if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
-        found.append(_decode(address, width))
+      entry = (_decode(address, width), int(hex_port, 16), int(fields[9]))
+      if fields[3] == "0A" and predicate(entry):  # 0A = LISTEN
+        found.append(entry)
   return found
+
+
+def listening_addresses(port: int):
+  """Local addresses listening on TCP `port`."""
+  return [a for a, _, _ in _listening(lambda e: e[1] == port)]
+
+
+def listening_sockets_of(pid: int):
+  """(address, port) of every TCP socket process `pid` listens on."""
+  inodes = set()
+  fd_dir = f"/proc/{pid}/fd"
+  for fd in os.listdir(fd_dir):
+    try:
+      target = os.readlink(os.path.join(fd_dir, fd))
+    except OSError:
+      continue
+    if target.startswith("socket:["):
+      inodes.add(int(target[8:-1]))
+  return [(a, p) for a, p, _ in _listening(lambda e: e[2] in inodes)]
 
 
 def _decode(address: str, width: int) -> str:

@@ -16,6 +16,8 @@ import threading
 import time
 
 import pytest
+
+import gba_tf
 import tensorflow as tf
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +89,12 @@ class FaultsTest(tf.test.TestCase):
     model_dir = tempfile.mkdtemp(prefix="gba_kill_worker_")
     job = _Job(model_dir)
     job.wait_for("[chief:0] Epoch 2/")
+    # Every task's gRPC server listens on loopback only.
+    with open(os.path.join(model_dir, "tasks.json")) as f:
+      for name, pid in json.load(f).items():
+        sockets = gba_tf.loopback.listening_sockets_of(pid)
+        self.assertNotEmpty(sockets, name)
+        self.assertEqual({a for a, _ in sockets}, {"127.0.0.1"}, name)
     job.kill("worker:1")
     self.assertEqual(job.finish(), 0, job.output[-3000:])
     self.assertIn("[launcher] worker:1 exited with code -9; restarting it",
