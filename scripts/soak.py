@@ -32,6 +32,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def define_flags():
   flags.DEFINE_float("minutes", 30.0, "How long to train.")
+  flags.DEFINE_enum("mode", "gba", ("gba", "async"),
+                    "gba, or plain ParameterServerStrategy for comparison.")
+  flags.DEFINE_string("name", "soak", "Output file stem in --out_dir.")
   flags.DEFINE_integer("straggler_period", 60,
                        "Seconds between two draws of the slow worker.")
   flags.DEFINE_float("sample_seconds", 10.0, "Memory sampling interval.")
@@ -55,7 +58,7 @@ def main(argv):
   model_dir = tempfile.mkdtemp(prefix="gba_soak_")
   cmd = [sys.executable, os.path.join(_ROOT, "scripts", "launch_local.py"),
          f"--flagfile={os.path.join(_ROOT, 'configs', 'benchmark.cfg')}",
-         "--mode=gba", "--straggler=0:4",
+         f"--mode={FLAGS.mode}", "--straggler=0:4",
          f"--straggler_period={FLAGS.straggler_period}",
          "--train_steps=100000000", "--steps_per_loop=200",
          "--eval_examples=0", f"--model_dir={model_dir}"]
@@ -63,7 +66,7 @@ def main(argv):
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
-  log_path = os.path.join(FLAGS.out_dir, "soak.log")
+  log_path = os.path.join(FLAGS.out_dir, f"{FLAGS.name}.log")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   epochs = []
 
@@ -113,11 +116,11 @@ def main(argv):
       growth[name] = {"first_mib": first, "last_mib": last,
                       "growth_mib": last - first, "max_mib": max(values)}
   loops = epochs[-1][1] - 1 if epochs else 0
-  report = {"minutes": FLAGS.minutes, "straggler_period": FLAGS.straggler_period,
+  report = {"mode": FLAGS.mode, "minutes": FLAGS.minutes, "straggler_period": FLAGS.straggler_period,
             "ran_to_the_end": alive, "loops_completed": loops,
             "optimizer_steps": loops * 200, "samples": samples,
             "growth": growth, "log": log_path}
-  with open(os.path.join(FLAGS.out_dir, "soak.json"), "w") as f:
+  with open(os.path.join(FLAGS.out_dir, f"{FLAGS.name}.json"), "w") as f:
     json.dump(report, f, indent=2)
   print("\ntask      first MiB  last MiB  growth  max")
   for name, g in growth.items():
@@ -135,11 +138,13 @@ def main(argv):
             label=name)
   ax.set_xlabel("minutes")
   ax.set_ylabel("resident memory (MiB)")
-  ax.set_title("GBA soak: moving 1/4-speed straggler, 4 workers + 2 PS")
+  ax.set_title(f"{FLAGS.mode} soak: moving 1/4-speed straggler, "
+               "4 workers + 2 PS")
   ax.legend(fontsize=8, ncol=2)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(FLAGS.out_dir, "soak_memory.png"), dpi=100)
+  fig.savefig(os.path.join(FLAGS.out_dir, f"{FLAGS.name}_memory.png"),
+              dpi=100)
   return 0 if alive else 1
 
 
