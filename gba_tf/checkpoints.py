@@ -23,10 +23,8 @@ gba_tf.checkpoints.save(ckpt_dir, model, optimizer, is_chief=True)
 ```
 """
 
-import os
 import shutil
 import tempfile
-from typing import Optional
 
 import tensorflow as tf
 
@@ -65,8 +63,3 @@ def save(directory: str, model, optimizer, is_chief: bool = True) -> str:
   if not is_chief:
     shutil.rmtree(target, ignore_errors=True)
   return path
-
-
-def latest(directory: str) -> Optional[str]:
-  return tf.train.latest_checkpoint(directory) if os.path.isdir(
-      directory) else None
