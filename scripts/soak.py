@@ -35,6 +35,8 @@ def define_flags():
   flags.DEFINE_enum("mode", "gba", ("gba", "async"),
                     "gba, or plain ParameterServerStrategy for comparison.")
   flags.DEFINE_string("name", "soak", "Output file stem in --out_dir.")
+  flags.DEFINE_bool("backup", True, "BackupAndRestore every loop (200 "
+                    "steps), as a production job would.")
   flags.DEFINE_integer("straggler_period", 60,
                        "Seconds between two draws of the slow worker.")
   flags.DEFINE_float("sample_seconds", 10.0, "Memory sampling interval.")
@@ -61,7 +63,8 @@ def main(argv):
          f"--mode={FLAGS.mode}", "--straggler=0:4",
          f"--straggler_period={FLAGS.straggler_period}",
          "--train_steps=100000000", "--steps_per_loop=200",
-         "--eval_examples=0", f"--model_dir={model_dir}"]
+         "--eval_examples=0", f"--model_dir={model_dir}",
+         "--backup" if FLAGS.backup else "--nobackup"]
   print("soak:", " ".join(cmd[1:]), flush=True)
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True,
