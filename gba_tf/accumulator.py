@@ -30,7 +30,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import tensorflow as tf
 
-from gba_tf import compat
 from gba_tf import counters as counters_lib
 from gba_tf import staleness as staleness_lib
 from gba_tf import tokens as tokens_lib

@@ -179,6 +179,28 @@ def make_cluster_spec(num_workers: int, num_ps: int,
   return spec
 
 
+def tf_config_json(spec: Dict[str, List[str]], task_type: str,
+                   task_index: int) -> str:
+  return json.dumps({"cluster": spec,
+                     "task": {"type": task_type, "index": task_index}})
+
+
+def task_environment(spec: Dict[str, List[str]], task_type: str,
+                     task_index: int,
+                     extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+  """Environment of one task process of a local cluster.
+
+  This process's environment, the loopback shim (`gba_tf.loopback`),
+  `extra`, the task's TF_CONFIG, and TF's C++ INFO logs off unless set.
+  """
+  env = dict(os.environ)
+  env.update(loopback.environment())
+  env.update(extra or {})
+  env["TF_CONFIG"] = tf_config_json(spec, task_type, task_index)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  return env
+
+
 def _resolver(spec: Dict[str, List[str]], task_type=None, task_id=None):
   return tf.distribute.cluster_resolver.SimpleClusterResolver(
       tf.train.ClusterSpec(spec), task_type=task_type, task_id=task_id,
@@ -245,16 +267,11 @@ class LocalCluster:
       raise
 
   def tf_config(self, task_type: str, task_index: int) -> str:
-    return json.dumps({"cluster": self.spec,
-                       "task": {"type": task_type, "index": task_index}})
+    return tf_config_json(self.spec, task_type, task_index)
 
   def start_task(self, task_type: str, task_index: int) -> subprocess.Popen:
     """(Re)starts one task's server process."""
-    env = dict(os.environ)
-    env.update(loopback.environment())
-    env.update(self._env)
-    env["TF_CONFIG"] = self.tf_config(task_type, task_index)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env = task_environment(self.spec, task_type, task_index, self._env)
     if self._log_dir:
       os.makedirs(self._log_dir, exist_ok=True)
       out = open(os.path.join(self._log_dir,

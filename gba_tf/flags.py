@@ -138,10 +138,16 @@ def parse_straggler(spec: str) -> Tuple[int, float]:
   return index, slowdown
 
 
+def global_batch_from_flags(num_workers=None) -> int:
+  """--global_batch_size, by default workers * --local_batch_size."""
+  workers = num_workers or FLAGS.workers
+  return FLAGS.global_batch_size or workers * FLAGS.local_batch_size
+
+
 def gba_config_from_flags(num_workers=None) -> config_lib.GBAConfig:
   """The GBAConfig of --preset (default gba) for `num_workers` workers."""
   workers = num_workers or FLAGS.workers
-  global_batch = FLAGS.global_batch_size or (workers * FLAGS.local_batch_size)
+  global_batch = global_batch_from_flags(workers)
   preset = FLAGS["preset"].value if "preset" in FLAGS else "gba"
   if preset != "gba":
     return config_lib.GBAConfig.preset(

@@ -131,13 +131,20 @@ class HealthMonitor:
     self.state = HealthState(initial_state)
     self._streak = 0
 
+  @staticmethod
+  def _peer_medians(latencies: Sequence[float]) -> Tuple[float, ...]:
+    latencies = list(latencies)
+    return tuple(statistics.median(latencies[:i] + latencies[i + 1:])
+                 for i in range(len(latencies)))
+
+  @staticmethod
+  def _ratios(latencies, peers) -> Tuple[float, ...]:
+    return tuple(t / p if p > 0 else (float("inf") if t > 0 else 1.)
+                 for t, p in zip(latencies, peers))
+
   def ratios(self, latencies: Sequence[float]) -> Tuple[float, ...]:
     """Each latency over the median of the other workers' latencies."""
-    out = []
-    for i, t in enumerate(latencies):
-      peers = statistics.median(latencies[:i] + latencies[i + 1:])
-      out.append(t / peers if peers > 0 else (float("inf") if t > 0 else 1.))
-    return tuple(out)
+    return self._ratios(latencies, self._peer_medians(latencies))
 
   def observe(self, latencies: Sequence[float]) -> HealthReport:
     latencies = tuple(float(t) for t in latencies)
@@ -147,10 +154,11 @@ class HealthMonitor:
     if any(not np.isfinite(t) or t < 0 for t in latencies):
       raise ValueError(f"Received: latencies={latencies}, which must be "
                        "finite and >= 0.")
-    ratios = self.ratios(list(latencies))
+    peers = self._peer_medians(latencies)
+    ratios = self._ratios(latencies, peers)
+
     def gap(i):
-      peers = statistics.median(latencies[:i] + latencies[i + 1:])
-      return latencies[i] - peers >= self.min_gap_s
+      return latencies[i] - peers[i] >= self.min_gap_s
     slow = tuple(i for i, r in enumerate(ratios)
                  if r > self.slow_ratio and gap(i))
     recovered = not any(r > self.recover_ratio and gap(i)

@@ -154,7 +154,7 @@ def config_from_flags(task: cluster_lib.TaskConfig,
   if slow_worker >= workers:
     raise ValueError(f"Received: --straggler={f.straggler}, but there are "
                      f"only {workers} workers.")
-  global_batch = f.global_batch_size or workers * f.local_batch_size
+  global_batch = gba_flags.global_batch_from_flags(workers)
   if global_batch % f.local_batch_size:
     raise ValueError(
         f"Received: global_batch_size={global_batch}, which is not a "

@@ -132,13 +132,8 @@ class LocalLauncher:
 
   def _spawn(self, job: str, index: int) -> None:
     name = f"{job}:{index}"
-    env = dict(os.environ)
-    env.update(loopback.environment())
-    env.update(self.env)
-    env["TF_CONFIG"] = json.dumps(
-        {"cluster": self._spec, "task": {"type": job, "index": index}})
+    env = cluster_lib.task_environment(self._spec, job, index, self.env)
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     proc = subprocess.Popen([sys.executable, self.script] + self._args,
                             env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -20,6 +20,8 @@ import pytest
 import gba_tf
 import tensorflow as tf
 
+from tests import testing_utils
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FLAGFILE = os.path.join(_ROOT, "configs", "local_gba.cfg")
 # Every run: 240 optimizer steps of 2 local steps, 20 ms each, in loops of
@@ -67,11 +69,7 @@ class _Job:
     return self.proc.returncode
 
 
-def _read(model_dir, name):
-  with open(os.path.join(model_dir, name)) as f:
-    if name.endswith(".jsonl"):
-      return [json.loads(line) for line in f]
-    return json.load(f)
+_read = testing_utils.read_job_file
 
 
 def _assert_conserved(test, gba):

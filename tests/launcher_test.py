@@ -5,7 +5,6 @@ and asserts on what the job wrote into its model directory: the resolved
 config, `result.json`, `phases.jsonl`, `switch_state.json`, `launch.json`.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import tempfile
 
 import pytest
 import tensorflow as tf
+
+from tests import testing_utils
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FLAGFILE = os.path.join(_ROOT, "configs", "local_gba.cfg")
@@ -26,11 +27,7 @@ def _launch(model_dir, *args, timeout=300):
   return proc
 
 
-def _read(model_dir, name):
-  with open(os.path.join(model_dir, name)) as f:
-    if name.endswith(".jsonl"):
-      return [json.loads(line) for line in f]
-    return json.load(f)
+_read = testing_utils.read_job_file
 
 
 @pytest.mark.cluster

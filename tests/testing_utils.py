@@ -1,6 +1,8 @@
 """Shared test helpers: one in-process cluster per pytest process."""
 
 import functools
+import json
+import os
 
 import gba_tf
 import tensorflow as tf
@@ -25,3 +27,11 @@ def two_shards():
 
 def shard_devices(sharded_variable):
   return [v.device for v in sharded_variable.variables]
+
+
+def read_job_file(model_dir: str, name: str):
+  """A JSON file a job wrote into its model directory (.jsonl: a list)."""
+  with open(os.path.join(model_dir, name)) as f:
+    if name.endswith(".jsonl"):
+      return [json.loads(line) for line in f]
+    return json.load(f)
