@@ -41,6 +41,7 @@ class _DenseSlot:
   def __init__(self, var):
     self._sum = tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False,
                             name=_slot_name(var, "sum"))
+    self.nbytes = _variable_bytes(self._sum)
 
   def stage(self, grad):
     """Moves the gradient next to the buffer (before the lock is taken)."""
@@ -80,6 +81,8 @@ class _SparseSlot:
     self._touched = tf.Variable(tf.zeros(var.shape[:1], tf.int32),
                                 trainable=False,
                                 name=_slot_name(var, "touched"))
+    self.nbytes = (_variable_bytes(self._sum)
+                   + _variable_bytes(self._touched))
 
   def stage(self, grad):
     """Moves the gradient next to the buffer (before the lock is taken)."""
@@ -117,6 +120,10 @@ class _SparseSlot:
       return tf.IndexedSlices(
           tf.identity(values), tf.identity(rows),
           dense_shape=tf.constant(self._dense_shape.as_list(), tf.int64))
+
+
+def _variable_bytes(var) -> int:
+  return var.shape.num_elements() * var.dtype.size
 
 
 def _slot_name(var, suffix: str) -> str:
@@ -164,6 +171,15 @@ class GradientAggregator:
       # otherwise be reused by a new variable and find the wrong slot.
       self._slots[key] = (slot, var)
     return self._slots[key][0]
+
+  @property
+  def buffer_bytes(self) -> int:
+    """Bytes of every accumulation buffer, summed over the PS.
+
+    The buffers are created once, shaped like the variables they serve, so
+    this is fixed once every variable has had its first gradient.
+    """
+    return sum(slot.nbytes for slot, _ in self._slots.values())
 
   def push_and_maybe_apply(
       self,

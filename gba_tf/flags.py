@@ -75,8 +75,8 @@ def define_flags() -> None:
       "result.json); 0 for none. Time spent there is not training time.")
   flags.DEFINE_bool(
       "backup", True,
-      "Keras BackupAndRestore every loop, so that rerunning a preempted "
-      "command resumes from the last loop.")
+      "Checkpoint into <model_dir>/ckpt every loop, so that rerunning a "
+      "preempted command resumes from the last loop.")
   # GBA staleness policy (see gba_tf.config.GBAConfig).
   flags.DEFINE_integer("staleness_threshold", None,
                        "Gradients this stale or fresher count fully.")

@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import tensorflow as tf
 
+from gba_tf import callbacks as gba_callbacks
 from gba_tf import checkpoints
 from gba_tf import compat
 from gba_tf import cluster as cluster_lib
@@ -185,8 +186,8 @@ def config_from_flags(task: cluster_lib.TaskConfig,
 class _StopAfterBatches(tf.keras.callbacks.Callback):
   """Stops `fit` after exactly `total` batches, counted across epochs.
 
-  Counting from the epoch number keeps the total right when
-  `BackupAndRestore` resumes `fit` at a later epoch.
+  Counting from the epoch number keeps the total right whatever epoch
+  `fit` starts from.
   """
 
   def __init__(self, total: int, steps_per_epoch: int):
@@ -203,18 +204,6 @@ class _StopAfterBatches(tf.keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     if self._epoch * self.steps_per_epoch + batch + 1 >= self.total:
       self.model.stop_training = True
-
-
-class _StartStep(tf.keras.callbacks.Callback):
-  """Reads `optimizer.iterations` once `BackupAndRestore` has restored."""
-
-  def __init__(self, optimizer):
-    super().__init__()
-    self._optimizer = optimizer
-    self.step = None
-
-  def on_train_begin(self, logs=None):
-    self.step = int(self._optimizer.iterations.numpy())
 
 
 def _log(message: str) -> None:
@@ -284,7 +273,7 @@ class _Progress(tf.keras.callbacks.Callback):
     self._begin = None
 
   def on_train_begin(self, logs=None):
-    # The starting point of the curve (after BackupAndRestore, if any).
+    # The starting point of the curve (the restored step, if any).
     if self._ids is not None:
       self._evaluate(self._samples(-1))
 
@@ -425,22 +414,27 @@ class Job:
          f"model_dir={c.model_dir}")
 
     seconds = 0.0
-    health_cb = curve = start_step = None
+    health_cb = curve = None
+    # One manager per phase: its write is traced once (see
+    # checkpoints.CheckpointManager for the leak that avoids).
+    manager = checkpoints.CheckpointManager(ckpt_dir, model, optimizer,
+                                            is_chief=self.task.is_chief)
     if remaining > 0:
       epochs = math.ceil(remaining / steps_per_epoch)
       health_cb = self._health_callback(
           strategy, sync, 1 if sync else c.local_steps_per_step)
-      start_step = _StartStep(optimizer)
       callbacks = []
       if c.backup:
-        # Restores a preempted phase's last epoch; then _StartStep reads
-        # the step this run really starts from.
-        callbacks.append(tf.keras.callbacks.BackupAndRestore(
-            os.path.join(c.model_dir, f"backup-{c.mode}")))
-      callbacks += [start_step,
-                    _StopAfterBatches(remaining, steps_per_epoch)]
+        # Every loop lands in ckpt/: rerunning a preempted command, or the
+        # launcher's restart after a PS failure, resumes from the last one.
+        callbacks.append(checkpoints.SaveEveryLoop(manager, optimizer))
+      callbacks.append(_StopAfterBatches(remaining, steps_per_epoch))
       if health_cb is not None:
         callbacks.append(health_cb)
+      if self.task.is_chief and hasattr(strategy, "gba_metrics"):
+        # Counters in every loop's log line: pending gradients and the
+        # accumulators' size are what the soak watches stay bounded.
+        callbacks.append(gba_callbacks.GBAMetrics(strategy))
       if self.task.is_chief:
         evaluate = c.eval_examples > 0
         curve = _Progress(
@@ -456,17 +450,16 @@ class Job:
           verbose=2 if self.task.is_chief else 0)
       seconds = time.perf_counter() - start
     step = int(optimizer.iterations.numpy())
-    first = start_step.step if start_step is not None else step
     finished = step * per_step >= total
     eval_seconds = curve.seconds if curve is not None else 0.0
-    phase = self._phase(step - first, seconds - eval_seconds, eval_seconds,
+    phase = self._phase(step - restored, seconds - eval_seconds, eval_seconds,
                         strategy, sync, per_step)
     phase["steady_samples_per_s"] = (curve.steady_samples_per_s()
                                      if curve is not None else None)
-    # Where this run started: > the phase's checkpoint when BackupAndRestore
-    # resumed a preempted run.
-    phase["start_step"] = first
-    checkpoints.save(ckpt_dir, model, optimizer, is_chief=self.task.is_chief)
+    # Where this run started: past the phase's first checkpoint when a
+    # preempted run resumed from a later loop.
+    phase["start_step"] = restored
+    manager.save(step)
     if health_cb is not None and health_cb.target and not finished:
       if self.task.is_chief:
         state = switching.SwitchState.load(c.model_dir)

@@ -172,8 +172,14 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
     return self.extended.gba_config
 
   def gba_metrics(self) -> Dict[str, Any]:
-    """Runtime counters as Python numbers (see `gba_tf.counters`)."""
-    return self.extended.counters.as_dict()
+    """Runtime counters as Python numbers (see `gba_tf.counters`).
+
+    Also `accumulator_bytes`: the size of the gradient accumulation buffers
+    on the parameter servers (fixed once every variable has a gradient).
+    """
+    metrics = self.extended.counters.as_dict()
+    metrics["accumulator_bytes"] = self.extended.aggregator.buffer_bytes
+    return metrics
 
 
 class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):

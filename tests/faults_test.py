@@ -25,7 +25,7 @@ from tests import testing_utils
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FLAGFILE = os.path.join(_ROOT, "configs", "local_gba.cfg")
 # Every run: 240 optimizer steps of 2 local steps, 20 ms each, in loops of
-# 40 steps (one BackupAndRestore checkpoint per loop).
+# 40 steps (one checkpoint per loop).
 _ARGS = ["--mode=gba", "--train_steps=240", "--steps_per_loop=40",
          "--eval_examples=0"]
 
@@ -144,7 +144,7 @@ class FaultsTest(tf.test.TestCase):
     launch = _read(model_dir, "launch.json")
     self.assertEqual([p["exit_code"] for p in launch["phases"]], [76, 0])
     phase = _read(model_dir, "phases.jsonl")[-1]
-    # Resumed from the backup of loop 2 or later: at most one loop (40
+    # Resumed from the checkpoint of loop 2 or later: at most one loop (40
     # steps) of work was lost, and the job still ends at 240 steps.
     self.assertGreaterEqual(phase["start_step"], 80)
     self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],
