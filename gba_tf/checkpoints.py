@@ -33,6 +33,8 @@ import tempfile
 
 import tensorflow as tf
 
+from gba_tf import compat
+
 # Enough to survive a write interrupted mid-way; older ones are of no use
 # once a newer one is complete.
 _MAX_TO_KEEP = 3
@@ -160,8 +162,7 @@ class CheckpointManager:
     self._kept = [n for n in self._kept if n != name] + [name]
     dropped, self._kept = (self._kept[:-self._max_to_keep],
                            self._kept[-self._max_to_keep:])
-    tf.compat.v1.train.update_checkpoint_state(
-        self.directory, name, all_model_checkpoint_paths=self._kept)
+    compat.update_checkpoint_state(self.directory, name, self._kept)
     for old in dropped:
       for f in tf.io.gfile.glob(os.path.join(self.directory, old) + ".*"):
         tf.io.gfile.remove(f)

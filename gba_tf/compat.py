@@ -7,7 +7,7 @@ upgrade breaks one module, and `tests/compat_test.py` says which hook moved.
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import tensorflow as tf
 
@@ -15,6 +15,7 @@ import tensorflow as tf
 from tensorflow.python.distribute import distribute_lib
 from tensorflow.python.distribute import parameter_server_strategy_v2
 from tensorflow.python.distribute.coordinator import cluster_coordinator as _cluster_coordinator
+from tensorflow.python.checkpoint import checkpoint_management as _checkpoint_management
 from tensorflow.python.data.experimental.ops import testing as _data_testing
 from tensorflow.python.framework import ops
 # pylint: enable=g-direct-tensorflow-import,unused-import
@@ -115,3 +116,17 @@ def disable_get_next_as_optional(strategy: Any) -> None:
 def is_ps_failure(error: BaseException) -> bool:
   """Whether ClusterCoordinator would call `error` a lost parameter server."""
   return _cluster_coordinator._is_ps_failure(error)  # pylint: disable=protected-access
+
+
+def update_checkpoint_state(directory: str, latest: str,
+                            kept: Sequence[str]) -> None:
+  """Rewrites `directory`'s `checkpoint` file, with relative paths.
+
+  The public `tf.compat.v1.train.update_checkpoint_state` is deprecated
+  (and warns) in favour of `tf.train.CheckpointManager`, which
+  `gba_tf.checkpoints.CheckpointManager` cannot use: it saves eagerly.
+  The file is written atomically (temporary file, then rename).
+  """
+  _checkpoint_management.update_checkpoint_state_internal(
+      save_dir=directory, model_checkpoint_path=latest,
+      all_model_checkpoint_paths=list(kept), save_relative_paths=True)

@@ -24,6 +24,7 @@ perfectly asynchronous system would reach.
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -178,6 +179,9 @@ def run_case(condition, mode, args, extra, repeat, log_dir):
   result = _read(os.path.join(model_dir, "result.json"))
   phase = _read(os.path.join(model_dir, "phases.jsonl"))[-1]
   config = _read(os.path.join(model_dir, f"config-{phase['mode']}.json"))
+  # Everything the row needs is read; the checkpoints are not (a failed
+  # run keeps its directory for the post-mortem).
+  shutil.rmtree(model_dir, ignore_errors=True)
   gba = phase.get("gba")
   return {
       "condition": condition, "mode": mode, "repeat": repeat,

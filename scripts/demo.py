@@ -117,7 +117,7 @@ def main(argv):
         f"{metrics['applied']}, decayed {metrics['decayed']}, dropped "
         f"{metrics['dropped']}, pending {metrics['pending']}")
   print(f"optimizer steps      {iterations} (M = {config.num_aggregate})")
-  print(f"staleness histogram  " +
+  print("staleness histogram  " +
         " ".join(f"{t}:{n}" for t, n in enumerate(hist[:last + 1])))
   for i, (n, s) in enumerate(zip(metrics["worker_pushed"],
                                  metrics["worker_mean_step_seconds"])):

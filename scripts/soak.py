@@ -19,6 +19,7 @@ curve, training progress) and `results/soak_memory.png`.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def main(argv):
     os.killpg(proc.pid, signal.SIGTERM)
   proc.wait(timeout=60)
   reader.join(timeout=10)
+  shutil.rmtree(model_dir, ignore_errors=True)  # checkpoints only
 
   # Growth: last tenth of the samples against the tenth after warm-up
   # (the first minute is TF start-up and tracing).

@@ -10,10 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import tensorflow as tf
+
+from tests import testing_utils
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MODES = ("sync", "async", "gba", "backup_workers", "bounded_staleness")
@@ -31,7 +32,7 @@ _SUMMARY_KEYS = {"condition": str, "mode": str, "runs": int,
 class BenchmarkTinyTest(tf.test.TestCase):
 
   def test_every_mode_trains_and_the_json_has_the_schema(self):
-    out = tempfile.mkdtemp(prefix="gba_bench_test_")
+    out = testing_utils.temp_dir(self, "gba_bench_test_")
     proc = subprocess.run(
         [sys.executable, os.path.join(_ROOT, "scripts", "benchmark.py"),
          "--tiny", f"--out_dir={out}"],

@@ -9,12 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 import gba_tf
 import tensorflow as tf
+
+from tests import testing_utils
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ class LocalClusterTest(tf.test.TestCase):
   def test_demo_job_with_straggler(self):
     # 2 workers + 1 PS processes; worker 1 at 1/4 speed (80 ms vs 20 ms of
     # emulated compute per local step). 2 epochs x 40 local steps, M = 2.
-    out = os.path.join(tempfile.mkdtemp(), "demo.json")
+    out = os.path.join(testing_utils.temp_dir(self, "gba_demo_"), "demo.json")
     proc = subprocess.run(
         [sys.executable, os.path.join(_ROOT, "scripts", "demo.py"),
          "--workers=2", "--ps=1", "--epochs=2", "--steps_per_epoch=40",

@@ -35,6 +35,16 @@ class CompatTest(tf.test.TestCase):
     self.assertIs(compat.optimizer_of_merge_fn(partial), legacy)
     self.assertTrue(hasattr(optimizer, "_compute_current_learning_rate"))
 
+  def test_checkpoint_state_is_written_relative(self):
+    directory = self.get_temp_dir()
+    compat.update_checkpoint_state(directory, "ckpt-2", ["ckpt-1", "ckpt-2"])
+    with open(f"{directory}/checkpoint") as f:
+      text = f.read()
+    self.assertIn('model_checkpoint_path: "ckpt-2"', text)
+    self.assertIn('all_model_checkpoint_paths: "ckpt-1"', text)
+    state = tf.train.get_checkpoint_state(directory)
+    self.assertEqual(state.model_checkpoint_path, f"{directory}/ckpt-2")
+
   def test_data_sleep(self):
     ds = tf.data.Dataset.range(3).apply(compat.data_sleep(1000))
     self.assertEqual(list(ds.as_numpy_iterator()), [0, 1, 2])

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -84,7 +83,7 @@ def _assert_conserved(test, gba):
 class FaultsTest(tf.test.TestCase):
 
   def test_worker_killed_and_restarted(self):
-    model_dir = tempfile.mkdtemp(prefix="gba_kill_worker_")
+    model_dir = testing_utils.temp_dir(self, "gba_kill_worker_")
     # 400 steps: time for the restarted worker (a fresh TF process) to
     # rejoin and train.
     job = _Job(model_dir, "--train_steps=400")
@@ -117,7 +116,7 @@ class FaultsTest(tf.test.TestCase):
     self.assertLessEqual(worst, 6)
 
   def test_worker_killed_without_restart(self):
-    model_dir = tempfile.mkdtemp(prefix="gba_lose_worker_")
+    model_dir = testing_utils.temp_dir(self, "gba_lose_worker_")
     job = _Job(model_dir, "--norestart_tasks")
     job.wait_for("[chief:0] Epoch 2/")
     job.kill("worker:1")
@@ -132,7 +131,7 @@ class FaultsTest(tf.test.TestCase):
     self.assertLess(gba["worker_last_token"][1], gba["global_steps"] - 20)
 
   def test_ps_killed_resumes_from_last_checkpoint(self):
-    model_dir = tempfile.mkdtemp(prefix="gba_kill_ps_")
+    model_dir = testing_utils.temp_dir(self, "gba_kill_ps_")
     job = _Job(model_dir)
     # Loops 1 and 2 (80 steps) are done and backed up once epoch 3 starts.
     job.wait_for("[chief:0] Epoch 3/")
@@ -152,7 +151,7 @@ class FaultsTest(tf.test.TestCase):
     _assert_conserved(self, phase["gba"])
 
   def test_chief_killed_then_rerun_resumes(self):
-    model_dir = tempfile.mkdtemp(prefix="gba_kill_chief_")
+    model_dir = testing_utils.temp_dir(self, "gba_kill_chief_")
     job = _Job(model_dir)
     job.wait_for("[chief:0] Epoch 3/")
     job.kill("chief:0")
@@ -166,7 +165,7 @@ class FaultsTest(tf.test.TestCase):
                      240)
 
   def test_nonfinite_gradients_from_one_worker_are_rejected(self):
-    model_dir = tempfile.mkdtemp(prefix="gba_nan_")
+    model_dir = testing_utils.temp_dir(self, "gba_nan_")
     job = _Job(model_dir, "--inject_nonfinite_worker=1", "--train_steps=60")
     self.assertEqual(job.finish(), 0, job.output[-3000:])
     gba = _read(model_dir, "phases.jsonl")[-1]["gba"]

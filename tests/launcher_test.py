@@ -8,7 +8,6 @@ config, `result.json`, `phases.jsonl`, `switch_state.json`, `launch.json`.
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import tensorflow as tf
@@ -36,7 +35,7 @@ class LaunchLocalTest(tf.test.TestCase):
   def test_sync_and_gba_from_the_same_flagfile(self):
     results = {}
     for mode in ("sync", "gba"):
-      model_dir = tempfile.mkdtemp(prefix=f"gba_{mode}_")
+      model_dir = testing_utils.temp_dir(self, f"gba_{mode}_")
       proc = _launch(model_dir, f"--mode={mode}", "--train_steps=40",
                      "--step_ms=5")
       self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
@@ -57,7 +56,7 @@ class LaunchLocalTest(tf.test.TestCase):
                         results["gba"]["test_auc"], atol=0.01)
 
   def test_auto_switches_to_gba_under_a_straggler_and_back(self):
-    model_dir = tempfile.mkdtemp(prefix="gba_auto_")
+    model_dir = testing_utils.temp_dir(self, "gba_auto_")
     # Worker 1 at 1/4 speed for the first 15 s after launch.
     proc = _launch(model_dir, "--mode=auto", "--straggler=1:4",
                    "--straggler_seconds=15", "--train_steps=400")
@@ -91,7 +90,7 @@ class LaunchLocalTest(tf.test.TestCase):
     self.assertEqual([p["exit_code"] for p in launch["phases"]], [75, 75, 0])
 
   def test_auto_stays_in_sync_when_healthy(self):
-    model_dir = tempfile.mkdtemp(prefix="gba_healthy_")
+    model_dir = testing_utils.temp_dir(self, "gba_healthy_")
     proc = _launch(model_dir, "--mode=auto", "--train_steps=100")
     self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
     self.assertFalse(os.path.exists(os.path.join(model_dir,
@@ -101,7 +100,7 @@ class LaunchLocalTest(tf.test.TestCase):
     self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"], 100)
 
   def test_failing_job_returns_the_chief_code_and_leaves_no_process(self):
-    model_dir = tempfile.mkdtemp(prefix="gba_fail_")
+    model_dir = testing_utils.temp_dir(self, "gba_fail_")
     # Every task rejects the flags; the launcher must still reap them all.
     proc = _launch(model_dir, "--mode=gba", "--straggler=5:4")
     self.assertEqual(proc.returncode, 2, proc.stdout[-3000:])

@@ -3,6 +3,8 @@
 import functools
 import json
 import os
+import shutil
+import tempfile
 
 import gba_tf
 import tensorflow as tf
@@ -35,3 +37,15 @@ def read_job_file(model_dir: str, name: str):
     if name.endswith(".jsonl"):
       return [json.loads(line) for line in f]
     return json.load(f)
+
+
+def temp_dir(test, prefix: str) -> str:
+  """A fresh directory removed when `test` ends.
+
+  Model directories of whole jobs hold checkpoints (~20 MB each); set
+  GBA_KEEP_TEST_DIRS=1 to keep them for a post-mortem.
+  """
+  path = tempfile.mkdtemp(prefix=prefix)
+  if not os.environ.get("GBA_KEEP_TEST_DIRS"):
+    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+  return path
