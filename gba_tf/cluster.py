@@ -327,6 +327,18 @@ class LocalCluster:
     self.stop()
 
 
+def resident_mib(pid: int) -> Optional[float]:
+  """Resident memory (VmRSS) of process `pid` in MiB; None once it is gone."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    return None
+  return None
+
+
 def terminate(processes) -> None:
   """SIGTERM every live process, then SIGKILL what outlives the grace."""
   processes = list(processes)

@@ -33,6 +33,13 @@ _APPLY_GRADIENTS_MERGE_FNS = ("_distributed_apply_gradients_fn",
 _WEIGHT_DECAY_MERGE_FN = "distributed_apply_weight_decay"
 
 
+def _unwrap_partials(merge_fn: Any) -> Any:
+  """The function under any `functools.partial` layers (legacy optimizers)."""
+  while isinstance(merge_fn, functools.partial):
+    merge_fn = merge_fn.func
+  return merge_fn
+
+
 def optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
   """The optimizer whose gradient-apply function `merge_fn` is, else None.
 
@@ -41,8 +48,7 @@ def optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
   `functools.partial` carrying `apply_state`); that call is where GBA takes
   over.
   """
-  while isinstance(merge_fn, functools.partial):
-    merge_fn = merge_fn.func
+  merge_fn = _unwrap_partials(merge_fn)
   if getattr(merge_fn, "__name__", None) not in _APPLY_GRADIENTS_MERGE_FNS:
     return None
   optimizer = getattr(merge_fn, "__self__", None)
@@ -57,9 +63,7 @@ def unsupported_optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
   Those apply through their own `_distributed_apply` merge function, which
   GBA does not aggregate: they would silently train asynchronously.
   """
-  while isinstance(merge_fn, functools.partial):
-    merge_fn = merge_fn.func
-  optimizer = getattr(merge_fn, "__self__", None)
+  optimizer = getattr(_unwrap_partials(merge_fn), "__self__", None)
   if isinstance(optimizer, tf.compat.v1.train.Optimizer):
     return optimizer
   return None

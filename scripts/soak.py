@@ -30,8 +30,11 @@ import time
 from absl import app
 from absl import flags
 
-FLAGS = flags.FLAGS
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+from gba_tf import cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
 
 
 def define_flags():
@@ -46,17 +49,6 @@ def define_flags():
   flags.DEFINE_float("sample_seconds", 10.0, "Memory sampling interval.")
   flags.DEFINE_string("out_dir", os.path.join(_ROOT, "results"),
                       "Where soak.json and soak_memory.png go.")
-
-
-def _rss_mib(pid):
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    return None
-  return None
 
 
 def _slope(points):
@@ -116,7 +108,8 @@ def main(argv):
     except (OSError, ValueError):
       continue
     row = {"minutes": (time.monotonic() - start) / 60.0}
-    row.update({name: _rss_mib(pid) for name, pid in tasks.items()})
+    row.update({name: cluster.resident_mib(pid)
+                for name, pid in tasks.items()})
     samples.append(row)
     loops = epochs[-1][1] if epochs else 0
     print(f"[soak] {row['minutes']:5.1f} min, loop {loops}: " + ", ".join(

@@ -110,14 +110,6 @@ class CrossModeCheckpointTest(tf.test.TestCase):
     self.assertAllClose(model2(x), sync_model(x), atol=1e-6)
 
 
-def _rss_mib(pid):
-  with open(f"/proc/{pid}/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024.0
-  raise AssertionError(f"no VmRSS for pid {pid}")
-
-
 class CheckpointManagerTest(tf.test.TestCase):
 
   def _gba_model(self, cluster):
@@ -208,10 +200,12 @@ class CheckpointManagerTest(tf.test.TestCase):
       pids = [cluster.processes[f"ps:{i}"].pid for i in range(2)]
       for step in range(5):  # warm-up: tracing, first RPCs and threads
         manager.save(step)
-      before = [_rss_mib(pid) for pid in pids]
+      before = [gba_tf.cluster.resident_mib(pid) for pid in pids]
+      self.assertNotIn(None, before)
       for step in range(5, 35):
         manager.save(step)
-      growth = [_rss_mib(pid) - b for pid, b in zip(pids, before)]
+      growth = [gba_tf.cluster.resident_mib(pid) - b
+                for pid, b in zip(pids, before)]
     self.assertEqual(manager.traces, 1)
     for g in growth:
       self.assertLess(g, 30.0, f"PS memory grew by {growth} MiB in 30 saves")
