@@ -1,32 +1,53 @@
 """PS-side gradient accumulation: exactly M local gradients per global step.
 
-Every variable shard gets an accumulator slot co-located with it on its PS
-task, so pushing a gradient moves it to where it is applied and nowhere else.
-One `tf.CriticalSection` on the first PS task makes a whole local step's push
-(all shards) and, every M-th push, the optimizer step atomic across workers:
-without it, concurrent read-modify-writes from workers lose updates
-(DESIGN.md: ~30% were lost in a test without the lock).
+Aggregation (arXiv 2205.11048, Sec. 3.2): global step `s` applies
+`sum_i f(tau_i) * g_i / M` over exactly M accepted local gradients, on every
+shard the same M.
 
-Aggregation (arXiv 2205.11048, Sec. 3.2): the global step applies
-`sum_i f(tau_i) * g_i / M` over the M accepted local gradients.
+The push path (docs/design.md, "Push and apply") keeps every gradient-sized
+operation per shard and out of any lock; the only work all workers serialize
+on is scalar, on the first PS task:
+
+1. Stage: each gradient moves to its shard's PS task, which checks that it
+   is finite. A gradient with a NaN or Inf is rejected whole and counted
+   (`nonfinite`, within `dropped`); it takes no ticket.
+2. Ticket: a finite push dequeues a ticket from a FIFO queue on the first PS
+   task. Ticket `t` is the push's place in the global order: it joins global
+   step `s = t // M`, so `tau = s - token` and the weight `f(tau)` are known
+   from the ticket alone (a lookup in `StalenessPolicy.weight_table()`). A
+   dropped push (tau > max_staleness) puts its ticket back. The queue holds
+   the tickets of two global steps; the tickets of step `s + 2` are queued
+   only once step `s` is applied, so at most two steps are ever open.
+3. Add: on each shard, the weighted gradient is added into buffer `s % 2` of
+   its variable, with one `scatter_nd_add` (atomic under the variable's own
+   mutex, so no lock is taken and concurrent adds never lose an update).
+4. Land and apply: the push reports its landing to a scalar critical section
+   on the first PS task. The push whose landing completes step `s` (M
+   landings), when step `s - 1` is applied, claims the apply; it reads and
+   clears buffer `s % 2` on every shard and runs the optimizer there, in
+   parallel across shards and outside any lock, while other pushes add into
+   the other buffer. Applies run one at a time and in order: a step that
+   completes while another is applied is chained by the applying push.
+
+Every shard therefore applies, for step `s`, exactly the gradients holding
+tickets `s*M .. s*M + M - 1`, whatever order they reached the shards in.
 
 * Dense gradients accumulate into a zero-initialised buffer.
-* Sparse gradients (`tf.IndexedSlices`, embeddings) are summed row-wise
-  and applied as `IndexedSlices` over exactly the rows touched by the M
-  local batches, so slot optimizers (Adagrad, Adam) see the update of
-  synchronous training: tf_keras deduplicates a synchronous global batch's
-  sparse gradient into the same summed unique rows.
+* Sparse gradients (`tf.IndexedSlices`, embeddings) are summed row-wise and
+  applied as `IndexedSlices` over the rows whose aggregate is not zero, so
+  slot optimizers (Adagrad, Adam) see the update of synchronous training:
+  tf_keras deduplicates a synchronous global batch's sparse gradient into
+  the same summed unique rows. (A row whose M gradients sum to exactly zero
+  is left out; for the tf_keras optimizers a zero row is a no-op either way.)
+* Memory: two buffers per variable, so exactly 2x the variables served.
 
-Each push first stages its gradients on their shards' PS tasks and checks
-there that they are finite; only then does it take the lock, so the lock is
-held for PS-local work (plus one hop per other PS task). A gradient with a
-NaN or Inf is rejected whole and counted (`nonfinite`, within `dropped`).
-
-Thread-safety: `push_and_maybe_apply` builds ops that run under the critical
-section; building (tracing) is done by one Python thread at a time.
+Thread-safety: `push` builds ops that are safe to run concurrently from any
+number of workers; building (tracing) is done by one Python thread at a time.
 """
 
-from typing import Callable, Dict, List, Sequence, Tuple
+import collections
+import dataclasses
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -34,112 +55,137 @@ from gba_tf import counters as counters_lib
 from gba_tf import staleness as staleness_lib
 from gba_tf import tokens as tokens_lib
 
+# Global steps open at once: the one being applied (or still assembled) and
+# the next. One buffer each per variable.
+_OPEN_STEPS = 2
 
-class _DenseSlot:
-  """Sum of weighted dense gradients for one variable shard."""
-
-  def __init__(self, var):
-    self._sum = tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False,
-                            name=_slot_name(var, "sum"))
-    self.nbytes = _variable_bytes(self._sum)
-
-  def stage(self, grad):
-    """Moves the gradient next to the buffer (before the lock is taken)."""
-    if isinstance(grad, tf.IndexedSlices):
-      # A dense variable that got a sparse gradient in one trace only
-      # (e.g. tf.gather on a small table): a dense buffer is exact.
-      grad = tf.convert_to_tensor(grad)
-    with tf.device(self._sum.device):
-      return tf.identity(grad)
-
-  def push(self, grad, weight):
-    with tf.device(self._sum.device):
-      return self._sum.assign_add(grad * tf.cast(weight, grad.dtype))
-
-  def take(self, num_aggregate: int):
-    mean = self._sum.read_value() / tf.cast(num_aggregate, self._sum.dtype)
-    with tf.control_dependencies([mean]):
-      reset = self._sum.assign(tf.zeros_like(self._sum))
-    with tf.control_dependencies([reset]):
-      return tf.identity(mean)
+# Layout of the scheduling state: landings of the open step with parity p at
+# index p, the next step to apply, and whether a push is applying it.
+_NEXT = 2
+_BUSY = 3
 
 
-class _SparseSlot:
-  """Weighted `IndexedSlices` summed into rows of one embedding shard.
+class _Slot:
+  """Two accumulation buffers (one per open global step) for a variable shard.
 
-  Rows are summed into a buffer shaped like the shard, and a mask remembers
-  which rows were touched; `take` gathers only those rows. (A growing list
-  of indices would be smaller, but variables of unknown shape abort the
-  remote runtime in TF 2.21: "Check failed: size >= 0".) Cost: one extra
-  shard-sized buffer, like one optimizer slot; apply scans the mask once.
+  Args:
+    var: the variable shard, on its PS task.
+    sparse: whether its gradients are `tf.IndexedSlices`.
   """
 
-  def __init__(self, var):
+  def __init__(self, var, sparse: bool):
+    self.sparse = sparse
     self._dense_shape = var.shape
-    self._sum = tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False,
-                            name=_slot_name(var, "sum"))
-    self._touched = tf.Variable(tf.zeros(var.shape[:1], tf.int32),
-                                trainable=False,
-                                name=_slot_name(var, "touched"))
-    self.nbytes = (_variable_bytes(self._sum)
-                   + _variable_bytes(self._touched))
+    self._buffers = tf.Variable(
+        tf.zeros([_OPEN_STEPS] + var.shape.as_list(), var.dtype),
+        trainable=False, name=_slot_name(var))
+    self.nbytes = (self._buffers.shape.num_elements()
+                   * self._buffers.dtype.size)
+    self.device = self._buffers.device
 
   def stage(self, grad):
-    """Moves the gradient next to the buffer (before the lock is taken)."""
-    if not isinstance(grad, tf.IndexedSlices):
-      raise TypeError(
-          "GBA accumulates this variable as sparse (its first gradient was "
-          f"tf.IndexedSlices) but received a dense gradient {grad!r}.")
-    with tf.device(self._sum.device):
+    """Moves the gradient next to the buffers (before it takes a ticket)."""
+    with tf.device(self.device):
+      if not self.sparse:
+        # A dense variable that got a sparse gradient in one trace only
+        # (e.g. tf.gather on a small table): a dense buffer is exact.
+        return tf.identity(tf.convert_to_tensor(grad))
+      if not isinstance(grad, tf.IndexedSlices):
+        raise TypeError(
+            "GBA accumulates this variable as sparse (its first gradient was "
+            f"tf.IndexedSlices) but received a dense gradient {grad!r}.")
       return tf.IndexedSlices(tf.identity(grad.values),
                               tf.cast(grad.indices, tf.int64),
                               grad.dense_shape)
 
-  def push(self, grad, weight):
-    with tf.device(self._sum.device):
-      indices = grad.indices
-      values = grad.values * tf.cast(weight, grad.values.dtype)
-    return [
-        self._sum.scatter_add(tf.IndexedSlices(values, indices)),
-        self._touched.scatter_update(tf.IndexedSlices(
-            tf.ones_like(indices, tf.int32), indices)),
-    ]
+  def add(self, grad, parity, weight):
+    """Adds `weight * grad` into buffer `parity`: one atomic scatter op."""
+    with tf.device(self.device):
+      if self.sparse:
+        indices = tf.stack(
+            [tf.fill(tf.shape(grad.indices), parity), grad.indices], axis=1)
+        return self._buffers.scatter_nd_add(
+            indices, grad.values * tf.cast(weight, grad.values.dtype))
+      return self._buffers.scatter_nd_add(
+          tf.reshape(parity, [1, 1]),
+          tf.expand_dims(grad * tf.cast(weight, grad.dtype), 0))
 
-  def take(self, num_aggregate: int):
-    rows = tf.reshape(tf.where(self._touched.read_value() > 0), [-1])
-    values = tf.gather(self._sum.read_value(), rows)
-    values /= tf.cast(num_aggregate, values.dtype)
-    with tf.control_dependencies([values]):
-      resets = [
-          self._sum.scatter_update(
-              tf.IndexedSlices(tf.zeros_like(values), rows)),
-          self._touched.scatter_update(
-              tf.IndexedSlices(tf.zeros_like(rows, tf.int32), rows)),
-      ]
-    with tf.control_dependencies(resets):
-      return tf.IndexedSlices(
-          tf.identity(values), tf.identity(rows),
-          dense_shape=tf.constant(self._dense_shape.as_list(), tf.int64))
+  def take(self, parity, num_aggregate: int):
+    """Buffer `parity` divided by M, and the buffer cleared."""
+    with tf.device(self.device):
+      # A gather (ResourceGather) copies this one buffer; reading the whole
+      # variable would alias it and make concurrent adds copy both buffers.
+      summed = tf.gather(self._buffers, parity)
+      m = tf.cast(num_aggregate, summed.dtype)
+      if not self.sparse:
+        with tf.control_dependencies([summed]):
+          reset = self._buffers.scatter_nd_update(
+              tf.reshape(parity, [1, 1]), tf.zeros_like(summed)[None])
+        with tf.control_dependencies([reset]):
+          return summed / m
+      axes = list(range(1, len(self._dense_shape)))
+      touched = tf.reduce_any(tf.not_equal(summed, 0), axis=axes)
+      rows = tf.reshape(tf.where(touched), [-1])
+      values = tf.gather(summed, rows)
+      reset = self._buffers.scatter_nd_update(
+          tf.stack([tf.fill(tf.shape(rows), parity), rows], axis=1),
+          tf.zeros_like(values))
+      with tf.control_dependencies([reset]):
+        return tf.IndexedSlices(
+            values / m, tf.identity(rows),
+            dense_shape=tf.constant(self._dense_shape.as_list(), tf.int64))
 
 
-def _variable_bytes(var) -> int:
-  return var.shape.num_elements() * var.dtype.size
+def _slot_name(var) -> str:
+  return "gba_acc/" + var.name.split(":")[0].replace("/", "_") + "_sum"
 
 
-def _slot_name(var, suffix: str) -> str:
-  return "gba_acc/" + var.name.split(":")[0].replace("/", "_") + "_" + suffix
+@dataclasses.dataclass
+class OptimizerStep:
+  """One optimizer's part of a local step: what it pushes and how it applies.
+
+  Attributes:
+    grads_and_vars: the local gradients (None gradients are skipped).
+    apply_fn: applies a list of (aggregated gradient, variable) with the
+      optimizer, advancing its `iterations` once; returns its update op.
+    before_apply: runs just before `apply_fn` at the global step (e.g. to
+      evaluate the learning-rate schedule there).
+  """
+
+  grads_and_vars: List[Tuple[Any, tf.Variable]]
+  apply_fn: Callable[[List[Tuple[Any, tf.Variable]]], Any]
+  before_apply: Callable[[], None] = lambda: None
+
+
+def _per_device_barriers(ops) -> List[tf.Operation]:
+  """One no-op per device that waits for `ops` on that device.
+
+  A cross-task control edge costs a message; grouping first sends one per
+  task instead of one per op.
+  """
+  by_device = collections.defaultdict(list)
+  for op in tf.nest.flatten(ops):
+    if op is None:
+      continue
+    by_device[op.device].append(op)
+  barriers = []
+  for device, group in by_device.items():
+    with tf.device(device):
+      barriers.append(tf.group(*group))
+  return barriers
 
 
 class GradientAggregator:
-  """Pushes local gradients; applies the optimizer once per M of them.
+  """Pushes local gradients; applies the optimizers once per M of them.
 
   Args:
-    extended: the strategy's Extended (for `colocate_vars_with`).
+    extended: the strategy's Extended (for `colocate_vars_with` and to
+      record the optimizers' update ops).
     num_aggregate: M.
     policy: the `StalenessPolicy`.
     tokens: the `TokenService`.
     counters: the `GBACounters`.
-    device: the PS device holding the lock (the first PS task).
+    device: the first PS task: tickets, scheduling state and counters.
   """
 
   def __init__(self, extended, num_aggregate: int,
@@ -151,118 +197,190 @@ class GradientAggregator:
     self.policy = policy
     self.tokens = tokens
     self.counters = counters
-    self._slots: Dict[int, object] = {}
+    self._slots: Dict[int, Tuple[_Slot, Any]] = {}
     self._device = device
+    self._weight_table = policy.weight_table()
+    m = num_aggregate
     with tf.device(device):
-      # exclusive_resource_access=False: the model variables guarded here are
-      # also read, lock-free, by every worker's forward pass.
-      self._lock = tf.CriticalSection(name="gba_lock")
+      self._schedule = tf.Variable(tf.zeros([4], tf.int64), trainable=False,
+                                   name="gba_schedule")
+      self._tickets = tf.queue.FIFOQueue(
+          _OPEN_STEPS * m, tf.int64, shapes=[[]], name="gba_tickets")
+      # exclusive_resource_access=False: the global step guarded here is
+      # also read, lock-free, by every worker's token read.
+      self._lock = tf.CriticalSection(name="gba_schedule_lock")
+    # Tickets of the first two global steps (no device scope: an eager
+    # queue op runs where the queue lives).
+    self._tickets.enqueue_many(tf.range(_OPEN_STEPS * m, dtype=tf.int64))
 
-  def _slot(self, var, grad):
+  def _slot(self, var, grad) -> _Slot:
     key = id(var)
-    slot = self._slots.get(key)
-    if slot is None:
-      # Slots are created on the coordinator the first time a step function
-      # is traced, lifted out of the trace like tf_keras optimizer slots.
+    entry = self._slots.get(key)
+    if entry is None:
+      # Buffers are created on the coordinator the first time a step
+      # function is traced, lifted out of the trace like optimizer slots.
       with tf.init_scope(), self._extended.colocate_vars_with(var):
-        slot = (_SparseSlot(var) if isinstance(grad, tf.IndexedSlices)
-                else _DenseSlot(var))
+        slot = _Slot(var, isinstance(grad, tf.IndexedSlices))
       # Keep `var` alive with its slot: a key of a dead variable's id could
       # otherwise be reused by a new variable and find the wrong slot.
-      self._slots[key] = (slot, var)
-    return self._slots[key][0]
+      entry = self._slots[key] = (slot, var)
+    return entry[0]
 
   @property
   def buffer_bytes(self) -> int:
     """Bytes of every accumulation buffer, summed over the PS.
 
-    The buffers are created once, shaped like the variables they serve, so
-    this is fixed once every variable has had its first gradient.
+    Two buffers per variable that has had a gradient, shaped like it: twice
+    the bytes of those variables, fixed once each has been pushed once.
     """
     return sum(slot.nbytes for slot, _ in self._slots.values())
 
-  def push_and_maybe_apply(
-      self,
-      grads_and_vars: Sequence[Tuple[object, tf.Variable]],
-      token,
-      read_time,
-      worker_index,
-      apply_fn: Callable[[List[Tuple[object, tf.Variable]]], object],
-      before_apply: Callable[[], None] = lambda: None):
-    """Builds the locked push (+ apply every M-th accepted push).
+  def push(self, steps: Sequence[OptimizerStep], token, read_time,
+           worker_index):
+    """Builds one local step's push, and the apply when it completes a step.
+
+    Call in cross-replica context (inside `merge_call`).
 
     Args:
-      grads_and_vars: this local step's gradients.
+      steps: every optimizer's gradients of this local step (one push for
+        all of them: they join the same global step).
       token: int64 token read before the forward pass.
       read_time: float64 seconds at which the token was read.
       worker_index: int64 index of the pushing worker.
-      apply_fn: applies a list of (aggregated gradient, variable) with the
-        optimizer and advances `optimizer.iterations` once.
-      before_apply: runs in the apply branch before `apply_fn` (e.g. to
-        re-evaluate the learning-rate schedule at the global step).
 
     Returns:
-      A bool tensor: whether this push completed a global step.
+      A bool tensor: whether this push applied at least one global step.
     """
-    grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
-    slots = [(self._slot(v, g), g, v) for g, v in grads_and_vars]
-    # Outside the lock: the worker's own time (token read to gradients
-    # ready, on its own clock) and the transfer of every gradient to its
-    # shard's PS, so that the lock is held for PS-local work only.
-    staged = [(slot, slot.stage(g), v) for slot, g, v in slots]
+    m = self.num_aggregate
+    staged = []
+    for step in steps:
+      staged.append([(self._slot(v, g), g, v) for g, v in step.grads_and_vars
+                     if g is not None])
+    staged = [[(slot, slot.stage(g), v) for slot, g, v in part]
+              for part in staged]
+    flat = [entry for part in staged for entry in part]
     tensors = [g.values if isinstance(g, tf.IndexedSlices) else g
-               for _, g, _ in staged]
-    with tf.control_dependencies(tensors):
-      compute_seconds = tf.timestamp() - read_time
+               for _, g, _ in flat]
     # A NaN or Inf from one worker (bad data, an overflow) would poison every
-    # later global step: checked next to each shard, before the lock, and
-    # the whole local gradient is rejected and counted.
+    # later global step: checked next to each shard, before any ticket.
     checks = []
     for tensor in tensors:
       with tf.device(tensor.device):
         checks.append(tf.reduce_all(tf.math.is_finite(tensor)))
-    finite = tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
-    m = self.num_aggregate
 
-    def locked_on_ps():
-      tau = self.tokens.staleness(token)
-      weight = self.policy.weight(tau)
-      accepted = tf.logical_and(self.policy.accepts(tau), finite)
+    with tf.device(self._device):
+      with tf.control_dependencies(tensors):
+        compute_seconds = tf.timestamp() - read_time
+      finite = (tf.reduce_all(tf.stack(checks)) if checks
+                else tf.constant(True))
+      ticket = tf.cond(finite, self._tickets.dequeue,
+                       lambda: tf.constant(-1, tf.int64))
+      # A rejected push has no ticket; its tau (for the histogram) is
+      # measured against the global step.
+      step_index = tf.where(finite, ticket // m,
+                            self.tokens.global_step.read_value())
+      tau = tf.maximum(step_index - token, 0)
+      table = tf.constant(self._weight_table)
+      weight = tf.gather(table, tf.minimum(tau, len(self._weight_table) - 1))
+      accepted = finite
+      if self.policy.max_staleness is not None:
+        accepted = tf.logical_and(accepted, tau <= self.policy.max_staleness)
+
+      def give_back():
+        with tf.control_dependencies([self._tickets.enqueue(ticket)]):
+          return tf.constant(True)
+
+      returned = tf.cond(tf.logical_and(finite, tf.logical_not(accepted)),
+                         give_back, lambda: tf.constant(False))
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
           finite)
+      parity = tf.math.floormod(step_index, _OPEN_STEPS)
 
-      def push():
-        ops = []
-        for slot, grad, _ in staged:
-          pushed = slot.push(grad, weight)
-          ops.extend(pushed if isinstance(pushed, list) else [pushed])
-        with tf.control_dependencies(ops):
-          return tf.constant(True)
+    adds = []
+    for device, entries in _group_by_device(flat).items():
+      with tf.device(device):
+        def add(entries=entries):
+          with tf.control_dependencies([slot.add(g, parity, weight)
+                                        for slot, g, _ in entries]):
+            return tf.constant(True)
+        adds.append(tf.cond(accepted, add, lambda: tf.constant(False)))
 
-      with tf.control_dependencies(counted):
-        pushed = tf.cond(accepted, push, lambda: tf.constant(False))
-
-      def apply():
-        before_apply()
-        aggregated = [(slot.take(m), var) for slot, _, var in staged]
-        result = apply_fn(aggregated)
-        deps = [result] if result is not None else []
-        with tf.control_dependencies(deps):
-          advanced = self.counters.record_apply(m) + [
-              self.tokens.global_step.assign_add(1)]
-        with tf.control_dependencies(advanced):
-          return tf.constant(True)
-
-      with tf.control_dependencies([pushed]):
-        ready = self.counters.pending.read_value() >= m
-      return tf.cond(ready, apply, lambda: tf.constant(False))
-
-    def locked():
-      # Control flow and scalar policy math run on the lock's PS task: a
-      # tf.cond placed on the worker would call its branches remotely, one
-      # more round trip each while every other worker waits for the lock.
+    with tf.control_dependencies(_per_device_barriers(adds) + counted
+                                 + [returned]):
       with tf.device(self._device):
-        return locked_on_ps()
+        claim, next_step = self._lock.execute(
+            lambda: self._land(parity, tf.cast(accepted, tf.int64)),
+            exclusive_resource_access=False)
 
-    return self._lock.execute(locked, exclusive_resource_access=False)
+    def apply_and_continue(unused_claim, step):
+      applied = self._apply(staged, steps, step)
+      with tf.control_dependencies(_per_device_barriers(applied)):
+        with tf.device(self._device):
+          more, following = self._lock.execute(
+              lambda: self._finish(step), exclusive_resource_access=False)
+          refill = self._tickets.enqueue_many(
+              tf.range((step + _OPEN_STEPS) * m,
+                       (step + _OPEN_STEPS + 1) * m))
+      with tf.control_dependencies([refill]):
+        return tf.identity(more), tf.identity(following)
+
+    with tf.device(self._device):
+      applied_any = claim
+      claim, _ = tf.while_loop(lambda c, unused_step: c, apply_and_continue,
+                               (claim, next_step), parallel_iterations=1)
+      with tf.control_dependencies([claim]):
+        return tf.identity(applied_any)
+
+  def _land(self, parity, landed):
+    """Counts a landing; claims the next step if it is complete and free."""
+    state = self._schedule.read_value()
+    counts = state[:_OPEN_STEPS] + landed * tf.one_hot(
+        parity, _OPEN_STEPS, dtype=tf.int64)
+    next_step, busy = state[_NEXT], state[_BUSY]
+    ready = tf.gather(counts, next_step % _OPEN_STEPS) >= self.num_aggregate
+    claim = tf.logical_and(ready, tf.equal(busy, 0))
+    new_state = tf.concat(
+        [counts, tf.stack([next_step, busy + tf.cast(claim, tf.int64)])], 0)
+    with tf.control_dependencies([self._schedule.assign(new_state)]):
+      return tf.identity(claim), tf.identity(next_step)
+
+  def _finish(self, step):
+    """Marks `step` applied; claims the following one if it is complete."""
+    state = self._schedule.read_value()
+    cleared = tf.one_hot(step % _OPEN_STEPS, _OPEN_STEPS, on_value=0,
+                         off_value=1, dtype=tf.int64)
+    counts = state[:_OPEN_STEPS] * cleared
+    following = step + 1
+    more = (tf.gather(counts, following % _OPEN_STEPS)
+            >= self.num_aggregate)
+    new_state = tf.concat(
+        [counts, tf.stack([following, tf.cast(more, tf.int64)])], 0)
+    with tf.control_dependencies([
+        self._schedule.assign(new_state),
+        self.tokens.global_step.assign(following)]):
+      return tf.identity(more), tf.identity(following)
+
+  def _apply(self, staged, steps: Sequence[OptimizerStep], step) -> List[Any]:
+    """Applies global step `step` with every optimizer; returns its ops."""
+    parity = tf.math.floormod(step, _OPEN_STEPS)
+    ops = []
+    for part, opt_step in zip(staged, steps):
+      if not part:
+        continue
+      opt_step.before_apply()
+      aggregated = [(slot.take(parity, self.num_aggregate), var)
+                    for slot, _, var in part]
+      with self._extended.record_updates() as updates:
+        result = opt_step.apply_fn(aggregated)
+      ops.extend(updates)
+      ops.append(result)
+    return [op for op in tf.nest.flatten(ops)
+            if isinstance(op, (tf.Tensor, tf.Operation))]
+
+
+def _group_by_device(entries) -> Dict[str, list]:
+  by_device = collections.defaultdict(list)
+  for entry in entries:
+    by_device[entry[0].device].append(entry)
+  return by_device

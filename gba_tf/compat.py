@@ -69,6 +69,23 @@ def unsupported_optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
   return None
 
 
+def with_fresh_apply_state(merge_fn: Any, optimizer: Any,
+                           var_list: Sequence[Any]) -> Any:
+  """`merge_fn` with a legacy optimizer's `apply_state` computed now.
+
+  The legacy `optimizer_v2.apply_gradients` computes `_prepare(var_list)`
+  (learning rate, Adam's bias correction, `decay=`) when the local step
+  starts and binds it into the merge function; GBA applies at the global
+  step, so it is computed again there. New optimizers pass through.
+  """
+  if (isinstance(merge_fn, functools.partial)
+      and "apply_state" in (merge_fn.keywords or {})):
+    keywords = dict(merge_fn.keywords)
+    keywords["apply_state"] = optimizer._prepare(list(var_list))  # pylint: disable=protected-access
+    return functools.partial(merge_fn.func, *merge_fn.args, **keywords)
+  return merge_fn
+
+
 def is_weight_decay_merge_fn(merge_fn: Any) -> bool:
   return getattr(merge_fn, "__name__", None) == _WEIGHT_DECAY_MERGE_FN
 

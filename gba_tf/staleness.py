@@ -14,9 +14,11 @@ The paper's exact decay function is not reproduced here. The shapes below are
 configurable and the defaults in `gba_tf.config` are provisional until the
 ablation in `scripts/benchmark.py` chooses them (see that module's docstring).
 
-This module is pure: numpy in, numpy out, or tensors in, tensors out. The
-runtime (`gba_tf.accumulator`) and the simulator share it, so a unit test of
-`StalenessPolicy.weight` covers both.
+This module is pure numpy. The runtime (`gba_tf.accumulator`) does not
+re-implement the rule in TensorFlow: it gathers from `weight_table()`, a
+numpy table of `weight(tau)` placed on the first PS task, so one definition
+serves the runtime and any offline use (a simulator, the tests), and a unit
+test of `StalenessPolicy.weight` covers both.
 
 Example:
 
@@ -31,7 +33,10 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-import tensorflow as tf
+# Table length when nothing is dropped (max_staleness=None): staleness past
+# it reads the last entry. Exponential weights underflow float32 long before
+# (0.5^150 == 0), and 4096 global steps of staleness is past any cluster's.
+_UNBOUNDED_TABLE_LENGTH = 4096
 
 # f(excess, rate, pow_fn) where excess = tau - threshold > 0.
 _DecayFn = Callable[[object, float, Callable], object]
@@ -95,29 +100,39 @@ class StalenessPolicy:
   def accepts(self, tau):
     """True where a gradient of staleness `tau` is aggregated (not dropped)."""
     if self.max_staleness is None:
-      return tf.ones_like(tau, tf.bool) if tf.is_tensor(tau) else (
-          np.ones_like(tau, bool))
-    return tau <= self.max_staleness
+      return np.ones_like(tau, bool)
+    return np.asarray(tau) <= self.max_staleness
 
   def weight(self, tau):
     """Weight `f(tau)` in [0, 1]; 0 where the gradient is dropped.
 
     Args:
-      tau: staleness, an int or numpy array, or an integer tensor.
+      tau: staleness, an int or numpy array.
 
     Returns:
-      float32 of the same shape (numpy in, numpy out; tensor in, tensor out).
+      float32 numpy of the same shape.
     """
     decay_fn = DECAYS[self.decay]
-    if tf.is_tensor(tau):
-      tau_f = tf.cast(tf.maximum(tau, 0), tf.float32)
-      excess = tf.maximum(tau_f - float(self.threshold), 0.0)
-      decayed = tf.cast(decay_fn(excess, self.decay_rate, tf.pow), tf.float32)
-      w = tf.where(tau_f <= float(self.threshold), tf.ones_like(tau_f),
-                   decayed)
-      return tf.where(self.accepts(tau), w, tf.zeros_like(w))
     tau_f = np.maximum(np.asarray(tau, np.float64), 0.0)
     excess = np.maximum(tau_f - self.threshold, 0.0)
     decayed = decay_fn(excess, self.decay_rate, np.power)
     w = np.where(tau_f <= self.threshold, 1.0, decayed)
     return np.where(self.accepts(np.asarray(tau)), w, 0.0).astype(np.float32)
+
+  def weight_table(self) -> np.ndarray:
+    """`weight(tau)` for tau = 0, 1, ..., as float32; look up with
+    `table[min(tau, len(table) - 1)]`.
+
+    With `max_staleness` set, the last entry is the first dropped tau (weight
+    0), so the clamped lookup is exact for every tau. Without it, the table
+    is `_UNBOUNDED_TABLE_LENGTH` long and later taus read its last weight.
+
+    Example:
+
+    >>> StalenessPolicy(threshold=1, decay="exponential", decay_rate=0.5,
+    ...                 max_staleness=3).weight_table().tolist()
+    [1.0, 1.0, 0.5, 0.25, 0.0]
+    """
+    length = (_UNBOUNDED_TABLE_LENGTH if self.max_staleness is None
+              else self.max_staleness + 2)
+    return self.weight(np.arange(length))

@@ -4,6 +4,7 @@ The public class is thin; the work is in `_GBAStrategyExtended` and the
 helper modules (`tokens`, `accumulator`, `staleness`, `counters`).
 """
 
+import contextlib
 import os
 from typing import Any, Dict, Optional
 
@@ -195,10 +196,13 @@ class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):
           "GBAStrategy supports one device per worker.")
     self.gba_config = config
     self.tokens = tokens_lib.TokenService(_STATE_DEVICE)
-    self.counters = counters_lib.GBACounters(self._num_workers, _STATE_DEVICE)
+    self.counters = counters_lib.GBACounters(
+        self._num_workers, config.num_aggregate, self.tokens.global_step,
+        _STATE_DEVICE)
     self.aggregator = accumulator_lib.GradientAggregator(
         self, config.num_aggregate, config.policy, self.tokens,
         self.counters, _STATE_DEVICE)
+    self._update_log = None
 
   def _call_for_each_replica(self, fn, args, kwargs):
     self._assert_being_scheduled_by_cluster_coordinator()
@@ -209,11 +213,39 @@ class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):
     # than the parameters it reads (invariant 2).
     with tf.device(self.worker_devices[0]), context, \
         tf.control_dependencies([token, read_time]):
-      return fn(*args, **kwargs)
+      outputs = fn(*args, **kwargs)
+      # One push per local step, after every optimizer has handed over its
+      # gradients: they join the same global step.
+      context.push()
+    return outputs
+
+  def _update(self, var, fn, args, kwargs, group):
+    result = super()._update(var, fn, args, kwargs, group)
+    if self._update_log is not None:
+      self._update_log.extend(tf.nest.flatten(result))
+    return result
+
+  @contextlib.contextmanager
+  def record_updates(self):
+    """Collects the result of every `update` call made inside (trace time).
+
+    The aggregator waits for these before it marks a global step applied:
+    an optimizer returns only its `iterations` increment, not its variable
+    updates.
+    """
+    outer, self._update_log = self._update_log, []
+    try:
+      yield self._update_log
+    finally:
+      self._update_log = outer
 
 
 class _GBAReplicaContext(compat.ReplicaContext):
-  """Replica context whose optimizer merge call goes through the aggregator.
+  """Replica context that collects the optimizers' gradients for one push.
+
+  Each optimizer's `merge_call` hands over its gradients and returns; the
+  push (and, when it completes a global step, the apply of every optimizer)
+  is built once at the end of the local step by `push()`.
 
   Not thread-safe: one per traced replica function.
   """
@@ -224,6 +256,7 @@ class _GBAReplicaContext(compat.ReplicaContext):
     self._read_time = read_time
     self._worker_index = worker_index
     self._deferred = []
+    self._steps = []
 
   def merge_call(self, merge_fn, args=(), kwargs=None):
     # Overrides the public method: `merge_call` wraps `merge_fn` for
@@ -231,7 +264,7 @@ class _GBAReplicaContext(compat.ReplicaContext):
     kwargs = kwargs or {}
     if compat.is_weight_decay_merge_fn(merge_fn):
       # Decoupled weight decay is part of the optimizer step: apply it once
-      # per global step, inside the apply branch, not once per local step.
+      # per global step, inside the apply, not once per local step.
       self._deferred.append((merge_fn, args, kwargs))
       return None
     optimizer = compat.optimizer_of_merge_fn(merge_fn)
@@ -244,11 +277,18 @@ class _GBAReplicaContext(compat.ReplicaContext):
             "aggregate; use a tf.keras optimizer (e.g. "
             "tf.keras.optimizers.Adagrad).")
       return super().merge_call(merge_fn, args, kwargs)
-    grads_and_vars = list(args[0])
+    grads_and_vars = [(g, v) for g, v in args[0] if g is not None]
     rest = tuple(args[1:])
     deferred, self._deferred = self._deferred, []
     strategy = self._strategy
-    aggregator = strategy.extended.aggregator
+    var_list = [v for _, v in grads_and_vars]
+    pushed = {id(v) for step in self._steps for _, v in step.grads_and_vars}
+    shared = [v.name for v in var_list if id(v) in pushed]
+    if shared:
+      raise ValueError(
+          f"Received: variables {shared} updated by two optimizer calls in "
+          "one local step; GBAStrategy applies each variable once per "
+          "global step.")
 
     def before_apply():
       compat.refresh_learning_rate(optimizer)
@@ -256,15 +296,24 @@ class _GBAReplicaContext(compat.ReplicaContext):
         fn(strategy, *fn_args, **fn_kwargs)
 
     def apply_fn(aggregated):
-      merge_fn(strategy, aggregated, *rest, **kwargs)
-      return optimizer.iterations.read_value()
+      # Legacy optimizers computed their step-dependent state (`_prepare`)
+      # when the local step started; recompute it at the global step.
+      fn = compat.with_fresh_apply_state(merge_fn, optimizer, var_list)
+      return fn(strategy, aggregated, *rest, **kwargs)
+
+    self._steps.append(accumulator_lib.OptimizerStep(
+        grads_and_vars, apply_fn, before_apply))
+    return optimizer.iterations
+
+  def push(self):
+    """Builds this local step's single push (no-op without gradients)."""
+    steps, self._steps = self._steps, []
+    if not steps:
+      return None
+    aggregator = self._strategy.extended.aggregator
 
     def gba_merge(unused_strategy):
-      applied = aggregator.push_and_maybe_apply(
-          grads_and_vars, self._token, self._read_time, self._worker_index,
-          apply_fn, before_apply)
-      with tf.control_dependencies([applied]):
-        return optimizer.iterations.read_value()
+      return aggregator.push(steps, self._token, self._read_time,
+                             self._worker_index)
 
     return super().merge_call(gba_merge)
-

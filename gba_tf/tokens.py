@@ -5,26 +5,29 @@ the parameter version (global step) the worker read before its forward pass.
 The staleness of the gradient when it is aggregated at global step `s` is
 `tau = s - token`.
 
-Where the token is read matters (DESIGN invariant 2). Keras `fit` schedules a
+Where the token is read matters (docs/design.md, invariant 2). Keras `fit` schedules a
 whole epoch of closures on the coordinator before the first one runs, so a
 token taken at `schedule()` time would be hundreds of steps old. The token is
 therefore read *inside* the scheduled function, on the worker, as the first
 op of the replica function, and the forward pass is made to depend on it.
 
 The global step lives in a variable on the first PS task, next to the
-accumulator's critical section that advances it. It counts global steps
-applied by this strategy instance; staleness only needs differences of it, so
-it is not checkpointed (the optimizer's `iterations` is, and advances in step
-with it).
+accumulator's scheduling state; the accumulator advances it once a global step
+has been applied on every shard, so a token names parameters that are fully
+applied. It counts global steps applied by this strategy instance; staleness
+only needs differences of it, so it is not checkpointed (the optimizer's
+`iterations` is, and advances in step with it).
 
 Token lifecycle (one per local step):
-  ISSUED (read before the forward pass) -> PUSHED (gradient reached the PS)
-  -> DROPPED (tau > max_staleness) | PENDING -> APPLIED (M-th gradient).
+  ISSUED (read before the forward pass) -> PUSHED (gradient reached the PS
+  and drew a ticket: its place in the global order, hence its global step s
+  and tau = s - token) -> DROPPED (tau > max_staleness) | PENDING -> APPLIED
+  (all M gradients of step s landed on every shard).
   A worker that dies between ISSUED and PUSHED loses its token and nothing
   else (paper, appendix): no state was taken on its behalf.
 
 Thread-safety: reads are lock-free; the step is only advanced inside the
-aggregator's critical section.
+aggregator's scheduling critical section.
 """
 
 import tensorflow as tf
@@ -65,7 +68,3 @@ class TokenService:
     except RuntimeError:
       return tf.constant(0, tf.int64)
     return tf.cast(index, tf.int64)
-
-  def staleness(self, token):
-    """tau of a gradient with `token`, read now (inside the lock)."""
-    return tf.maximum(self.global_step.read_value() - token, 0)

@@ -1,4 +1,4 @@
-"""Tests of the pure staleness policy (numpy and TF paths agree)."""
+"""Tests of the pure staleness policy (formula and runtime table agree)."""
 
 import numpy as np
 from absl.testing import parameterized
@@ -24,7 +24,12 @@ class StalenessPolicyTest(tf.test.TestCase, parameterized.TestCase):
                                        decay_rate=rate, max_staleness=5)
     taus = np.arange(7)
     self.assertAllClose(policy.weight(taus), expected)
-    self.assertAllClose(policy.weight(tf.constant(taus, tf.int64)), expected)
+    # The runtime looks weights up in this table (clamped at its end), so
+    # it gives the same weights, for taus past the hard limit too.
+    table = policy.weight_table()
+    self.assertAllClose(table, expected)
+    self.assertAllClose(table[np.minimum(np.arange(40), len(table) - 1)],
+                        policy.weight(np.arange(40)))
     self.assertAllEqual(policy.accepts(taus), [True] * 6 + [False])
 
   def test_no_hard_limit_never_drops(self):
@@ -33,6 +38,7 @@ class StalenessPolicyTest(tf.test.TestCase, parameterized.TestCase):
     # tau = 40: 0.5^40 ~ 9.1e-13, tiny but accepted.
     self.assertTrue(bool(policy.accepts(40)))
     self.assertAllClose(policy.weight(40), 0.5**40)
+    self.assertAllClose(policy.weight_table()[40], 0.5**40)
 
   @parameterized.named_parameters(
       ("negative_threshold", dict(threshold=-1), "staleness_threshold=-1"),

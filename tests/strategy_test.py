@@ -135,10 +135,11 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
 
     h.release(held)   # token 0 applied at step 2: tau = 2, f = 0.5^2 = 0.25
     m = strategy.gba_metrics()
-    # Accumulators, allocated at the first push: w's two [1] shards as
-    # dense sums (2 x 4 B), the table's two [3, 2] shards as sparse sums
-    # (2 x 24 B) with touched-row masks (2 x 3 int32 = 2 x 12 B): 80 B.
-    self.assertEqual(m["accumulator_bytes"], 80)
+    # Accumulators, allocated at the first push: two buffers (one per open
+    # global step) for each shard: w's two [1] shards (2 x 2 x 4 B) and the
+    # table's two [3, 2] shards (2 x 2 x 24 B): 112 B, twice the 56 B of
+    # the variables.
+    self.assertEqual(m["accumulator_bytes"], 112)
     self.assertEqual(m["pending"], 1)
     self.assertEqual(m["staleness_histogram"][2], 1)
     self.assertEqual(m["decayed"], 1)
@@ -161,7 +162,7 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     self.assertEqual((m["pushed"], m["applied"], m["dropped"], m["pending"],
                       m["global_steps"]), (13, 12, 1, 0, 6))
     self.assertEqual(m["pushed"], m["applied"] + m["dropped"] + m["pending"])
-    self.assertEqual(m["accumulator_bytes"], 80)  # 13 pushes later: same
+    self.assertEqual(m["accumulator_bytes"], 112)  # 13 pushes later: same
     self.assertEqual(m["staleness_histogram"][3], 1)
     self.assertEqual(h.optimizer.iterations.numpy(), 6)
     # The held steps ran on one worker, the others on the other one.
