@@ -49,6 +49,7 @@ import collections
 import dataclasses
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from gba_tf import counters as counters_lib
@@ -63,6 +64,9 @@ _OPEN_STEPS = 2
 # index p, the next step to apply, and whether a push is applying it.
 _NEXT = 2
 _BUSY = 3
+
+# Hold-time samples kept by `enable_hold_profile` (a ring; newest win).
+_HOLD_PROFILE_SIZE = 16384
 
 
 class _Slot:
@@ -209,6 +213,7 @@ class GradientAggregator:
       # exclusive_resource_access=False: the global step guarded here is
       # also read, lock-free, by every worker's token read.
       self._lock = tf.CriticalSection(name="gba_schedule_lock")
+    self._hold_micros = None
     # Tickets of the first two global steps (no device scope: an eager
     # queue op runs where the queue lives).
     self._tickets.enqueue_many(tf.range(_OPEN_STEPS * m, dtype=tf.int64))
@@ -225,6 +230,45 @@ class GradientAggregator:
       # otherwise be reused by a new variable and find the wrong slot.
       entry = self._slots[key] = (slot, var)
     return entry[0]
+
+  def enable_hold_profile(self) -> None:
+    """Records how long each critical section is held (for benchmarks).
+
+    Call before the first step is traced; `hold_profile()` reads the
+    samples. Each sample costs two timestamps and one scatter on the first
+    PS task.
+    """
+    with tf.device(self._device):
+      self._hold_micros = tf.Variable(
+          tf.zeros([_HOLD_PROFILE_SIZE], tf.float64), trainable=False,
+          name="gba_hold_micros")
+      self._hold_count = tf.Variable(tf.constant(0, tf.int64),
+                                     trainable=False, name="gba_hold_count")
+
+  def hold_profile(self):
+    """Microseconds each critical section was held, oldest first."""
+    n = int(self._hold_count.numpy())
+    samples = self._hold_micros.numpy()
+    if n <= _HOLD_PROFILE_SIZE:
+      return samples[:n]
+    start = n % _HOLD_PROFILE_SIZE
+    return np.concatenate([samples[start:], samples[:start]])
+
+  def _timed(self, body):
+    """Runs `body` (inside a critical section), timing it if profiling."""
+    if self._hold_micros is None:
+      return body()
+    start = tf.timestamp()
+    with tf.control_dependencies([start]):
+      outputs = body()
+    with tf.control_dependencies(outputs):
+      micros = (tf.timestamp() - start) * 1e6
+      index = self._hold_count.assign_add(1, read_value=True) - 1
+      record = self._hold_micros.scatter_nd_update(
+          tf.reshape(index % _HOLD_PROFILE_SIZE, [1, 1]),
+          tf.reshape(micros, [1]))
+    with tf.control_dependencies([record]):
+      return tuple(tf.identity(o) for o in outputs)
 
   @property
   def buffer_bytes(self) -> int:
@@ -310,7 +354,8 @@ class GradientAggregator:
                                  + [returned]):
       with tf.device(self._device):
         claim, next_step = self._lock.execute(
-            lambda: self._land(parity, tf.cast(accepted, tf.int64)),
+            lambda: self._timed(
+                lambda: self._land(parity, tf.cast(accepted, tf.int64))),
             exclusive_resource_access=False)
 
     def apply_and_continue(unused_claim, step):
@@ -318,7 +363,8 @@ class GradientAggregator:
       with tf.control_dependencies(_per_device_barriers(applied)):
         with tf.device(self._device):
           more, following = self._lock.execute(
-              lambda: self._finish(step), exclusive_resource_access=False)
+              lambda: self._timed(lambda: self._finish(step)),
+              exclusive_resource_access=False)
           refill = self._tickets.enqueue_many(
               tf.range((step + _OPEN_STEPS) * m,
                        (step + _OPEN_STEPS + 1) * m))

@@ -3,7 +3,7 @@
 A `tf.train.Checkpoint(model=, optimizer=)` stores every variable whole: a
 ShardedVariable on the parameter servers is saved as one tensor, so the same
 files restore into MultiWorkerMirroredStrategy, GBAStrategy or a single
-process. Two traps (DESIGN.md section 4) are handled here:
+process. Two traps (docs/design.md, section 4) are handled here:
 
 * the optimizer must be built *before* the read, under the strategy's scope;
   a lazily-built optimizer restores its slots wrong into sharded variables;

@@ -217,7 +217,7 @@ class InProcessCluster:
   def __init__(self, num_workers: int = 2, num_ps: int = 1):
     self.spec = make_cluster_spec(num_workers, num_ps)
     # A worker server on a 2-core machine needs more inter-op threads than
-    # concurrent closures, else `model.fit` hangs (DESIGN.md section 4).
+    # concurrent closures, else `model.fit` hangs (docs/design.md, section 4).
     worker_config = tf.compat.v1.ConfigProto()
     worker_config.inter_op_parallelism_threads = num_workers + 1
     self.servers = []

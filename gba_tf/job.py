@@ -10,7 +10,7 @@ Every task of a cluster runs the same binary; TF_CONFIG gives its role:
 In sync mode the chief's duties (writing checkpoints, the switch state and
 the results) fall to worker 0 when the cluster has no chief.
 
-The same `JobConfig` means the same optimization in every mode (DESIGN.md
+The same `JobConfig` means the same optimization in every mode (docs/design.md,
 invariant 5): `train_steps` optimizer steps of `global_batch_size` samples
 each. Sync splits the global batch evenly over the workers; GBA aggregates
 `M = global / local` local gradients per step and runs `M * train_steps`
@@ -397,7 +397,7 @@ class Job:
       restored = checkpoints.restore_latest(ckpt_dir, model, optimizer)
     # Everything is counted in Keras steps of this mode: sync steps are
     # global batches; PS steps are local batches, and every mode processes
-    # train_steps global batches' worth of samples (DESIGN.md invariant 5).
+    # train_steps global batches' worth of samples (docs/design.md, invariant 5).
     if sync:
       batch, per_step, total = c.global_batch_size, 1, c.train_steps
     else:

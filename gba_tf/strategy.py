@@ -141,9 +141,15 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
     * A local gradient holding a NaN or Inf is rejected before aggregation
       and counted in `gba_metrics()["nonfinite"]`; TF1
       `tf.compat.v1.train.Optimizer`s are refused with a ValueError.
-    * Every push takes one lock on the first PS task; the aggregation cost
-      is measured in README "Results" (it caps GBA's local steps/s below
-      plain ParameterServerStrategy's).
+    * Pushes serialize only on scalar bookkeeping on the first PS task (a
+      ticket from a queue, a landing count); gradients are added and
+      applied on each shard's own PS task, in parallel across shards
+      (`gba_tf.accumulator`, docs/design.md section 3). The cost against
+      plain ParameterServerStrategy is measured in README "Results".
+    * Every optimizer called in a local step (e.g. Adagrad for embeddings
+      and Adam for the dense tower) joins the same push and applies once
+      per global step; a variable updated by two optimizer calls in one
+      local step is refused with a ValueError.
   """
 
   def __init__(self,

@@ -6,7 +6,10 @@ are interleaved across repeats so that drift of the machine hits both.
 
   python scripts/throughput.py --workers=2 --ps=1 --steps=400 --repeats=3
 
-Prints a table and writes results/throughput.json.
+Prints a table and writes results/throughput.json. Each run also measures
+the CPU each local step costs, per role (parameter servers, workers, chief),
+from /proc over the timed part of the run only (after the warm-up, so TF
+start-up and tracing are not counted).
 """
 
 import json
@@ -52,6 +55,21 @@ def _strategy(mode, resolver, config, num_ps):
   raise ValueError(f"Received: mode={mode!r}, which is not 'pss' or 'gba'.")
 
 
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of a process so far (Linux /proc)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  # Fields 14 and 15 of /proc/PID/stat (utime, stime), after the name.
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_role(cluster) -> dict:
+  roles = {"ps": 0.0, "worker": 0.0, "chief": _cpu_seconds(os.getpid())}
+  for name, proc in cluster.processes.items():
+    roles[name.split(":")[0]] += _cpu_seconds(proc.pid)
+  return roles
+
+
 def run_once(mode, cluster, data, ids, labels, config):
   strategy = _strategy(mode, cluster.resolver(), config, FLAGS.ps)
   with strategy.scope():
@@ -65,15 +83,20 @@ def run_once(mode, cluster, data, ids, labels, config):
                                         FLAGS.straggler))
   creator = tf.keras.utils.experimental.DatasetCreator(dataset_fn)
   model.fit(creator, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
+  cpu_before = _cpu_by_role(cluster)
   start = time.perf_counter()
   history = model.fit(creator, epochs=1, steps_per_epoch=FLAGS.steps,
                       verbose=0)
   seconds = time.perf_counter() - start
+  cpu_after = _cpu_by_role(cluster)
   row = {"mode": mode, "local_steps": FLAGS.steps, "seconds": seconds,
          "local_steps_per_s": FLAGS.steps / seconds,
          "samples_per_s": FLAGS.steps * FLAGS.local_batch_size / seconds,
          "loss": float(history.history["loss"][-1]),
-         "optimizer_steps": int(model.optimizer.iterations.numpy())}
+         "optimizer_steps": int(model.optimizer.iterations.numpy()),
+         "cpu_ms_per_local_step": {
+             role: 1e3 * (cpu_after[role] - cpu_before[role]) / FLAGS.steps
+             for role in cpu_before}}
   if mode == "gba":
     m = strategy.gba_metrics()
     row.update({k: m[k] for k in ("pushed", "applied", "dropped", "pending",
@@ -109,8 +132,25 @@ def main(argv):
     runs = ", ".join(f"{r:.1f}" for r in summary[mode]["runs"])
     print(f"{mode:6s} {summary[mode]['median_local_steps_per_s']:20.1f}   "
           f"{runs}")
+  for mode in FLAGS.modes:
+    summary[mode]["median_cpu_ms_per_local_step"] = {
+        role: float(np.median([r["cpu_ms_per_local_step"][role] for r in rows
+                               if r["mode"] == mode]))
+        for role in ("ps", "worker", "chief")}
+  print("\nCPU ms per local step (median)   ps   workers   chief")
+  for mode in FLAGS.modes:
+    cpu = summary[mode]["median_cpu_ms_per_local_step"]
+    print(f"{mode:6s} {cpu['ps']:27.2f} {cpu['worker']:9.2f} "
+          f"{cpu['chief']:7.2f}")
   if "gba_over_pss" in summary:
     print(f"GBA / PSS = {summary['gba_over_pss']:.3f}")
+    summary["gba_over_pss_cpu"] = {
+        role: (summary["gba"]["median_cpu_ms_per_local_step"][role]
+               / summary["pss"]["median_cpu_ms_per_local_step"][role])
+        for role in ("ps", "worker", "chief")}
+    print("GBA / PSS CPU per local step: " + ", ".join(
+        f"{role} {ratio:.2f}"
+        for role, ratio in summary["gba_over_pss_cpu"].items()))
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump({"flags": {k: FLAGS[k].value for k in (
