@@ -197,6 +197,7 @@ class CheckpointManagerTest(tf.test.TestCase):
         checkpoints.restore_latest("", model, optimizer)
       manager = checkpoints.CheckpointManager(
           os.path.join(self.get_temp_dir(), "soak"), model, optimizer)
+      testing_utils.keep_alive(strategy, model, optimizer, manager)
       pids = [cluster.processes[f"ps:{i}"].pid for i in range(2)]
       for step in range(5):  # warm-up: tracing, first RPCs and threads
         manager.save(step)

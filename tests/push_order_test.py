@@ -18,12 +18,6 @@ import tensorflow as tf
 
 from tests import testing_utils
 
-# Objects that hold remote handles on the test's own cluster. They are kept
-# alive for the life of the process: once the cluster is stopped and the
-# context has moved to another cluster, TF 2.21 segfaults if the garbage
-# collector destroys such a variable (seen in `make test`).
-_KEEP_ALIVE = []
-
 # 96 pushes with M = 4: 24 global steps, 4 workers pushing at once.
 _PUSHES = 96
 _M = 4
@@ -70,7 +64,7 @@ class PushOrderTest(tf.test.TestCase):
         table = tf.Variable(tf.zeros([2 * _PUSHES, 1]), name="table")
         optimizer = _LoggingSGD(1.0)
       variables = list(dense.variables) + list(table.variables)
-      _KEEP_ALIVE.append((strategy, coordinator, dense, table, optimizer))
+      testing_utils.keep_alive(strategy, coordinator, dense, table, optimizer)
       with strategy.scope():
         optimizer.build(variables)
 

@@ -23,6 +23,19 @@ def shared_cluster() -> gba_tf.cluster.InProcessCluster:
                                          num_ps=NUM_PS)
 
 
+# Objects that hold remote handles on a test's own LocalCluster. Once that
+# cluster is stopped and the context has moved to another cluster, TF 2.21
+# segfaults when the garbage collector destroys such a variable (seen in
+# `make test`, inside a later test's tracing); keeping them alive for the
+# life of the pytest process avoids the remote destroy.
+_KEEP_ALIVE = []
+
+
+def keep_alive(*objects) -> None:
+  """Never garbage-collect `objects` (remote handles of a stopped cluster)."""
+  _KEEP_ALIVE.append(objects)
+
+
 def two_shards():
   return tf.distribute.experimental.partitioners.FixedShardsPartitioner(2)
 
