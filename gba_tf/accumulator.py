@@ -151,14 +151,12 @@ class OptimizerStep:
   Attributes:
     grads_and_vars: the local gradients (None gradients are skipped).
     apply_fn: applies a list of (aggregated gradient, variable) with the
-      optimizer, advancing its `iterations` once; returns its update op.
-    before_apply: runs just before `apply_fn` at the global step (e.g. to
-      evaluate the learning-rate schedule there).
+      optimizer at the global step (learning rate, clipping, update,
+      constraints), advancing its `iterations` once; returns its update op.
   """
 
   grads_and_vars: List[Tuple[Any, tf.Variable]]
   apply_fn: Callable[[List[Tuple[Any, tf.Variable]]], Any]
-  before_apply: Callable[[], None] = lambda: None
 
 
 def _per_device_barriers(ops) -> List[tf.Operation]:
@@ -414,15 +412,26 @@ class GradientAggregator:
     for part, opt_step in zip(staged, steps):
       if not part:
         continue
-      opt_step.before_apply()
       aggregated = [(slot.take(parity, self.num_aggregate), var)
                     for slot, _, var in part]
       with self._extended.record_updates() as updates:
         result = opt_step.apply_fn(aggregated)
       ops.extend(updates)
       ops.append(result)
+      # New tf_keras optimizers return no update op (`_update_step` returns
+      # None); a one-row read of each variable, ordered after its update by
+      # tf.function's automatic control dependencies, stands in for it.
+      ops.extend(_after_update(var) for _, _, var in part)
     return [op for op in tf.nest.flatten(ops)
             if isinstance(op, (tf.Tensor, tf.Operation))]
+
+
+def _after_update(var):
+  """A tiny read of `var` that runs after every earlier update of it."""
+  with tf.device(var.device):
+    if var.shape.rank == 0:
+      return var.read_value()
+    return var.sparse_read([0])
 
 
 def _group_by_device(entries) -> Dict[str, list]:

@@ -6,8 +6,9 @@ tf_keras optimizer's gradient-apply function. Keeping them here means a TF
 upgrade breaks one module, and `tests/compat_test.py` says which hook moved.
 """
 
+import contextlib
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -31,6 +32,9 @@ _APPLY_GRADIENTS_MERGE_FNS = ("_distributed_apply_gradients_fn",
                               "_distributed_apply")
 # tf_keras' decoupled weight decay (AdamW, `weight_decay=`) merge function.
 _WEIGHT_DECAY_MERGE_FN = "distributed_apply_weight_decay"
+# The merge function of tf_keras' `optimizer.aggregate_gradients` (new and
+# legacy optimizers): it receives the local gradients before any clipping.
+_ALL_REDUCE_MERGE_FN = ("tf_keras.src.optimizers.utils", "_all_reduce_sum_fn")
 
 
 def _unwrap_partials(merge_fn: Any) -> Any:
@@ -69,6 +73,149 @@ def unsupported_optimizer_of_merge_fn(merge_fn: Any) -> Optional[Any]:
   return None
 
 
+def is_gradient_all_reduce_merge_fn(merge_fn: Any) -> bool:
+  """Whether `merge_fn` is tf_keras' all-reduce of the local gradients."""
+  merge_fn = _unwrap_partials(merge_fn)
+  return (getattr(merge_fn, "__module__", None),
+          getattr(merge_fn, "__name__", None)) == _ALL_REDUCE_MERGE_FN
+
+
+def keras3_owner_of_merge_fn(merge_fn: Any) -> Optional[str]:
+  """The Keras 3 object behind `merge_fn`, by name, else None.
+
+  Keras 3 optimizers (package `keras`) apply through merge functions of
+  their own; GBA aggregates tf_keras optimizers only.
+  """
+  merge_fn = _unwrap_partials(merge_fn)
+  owner = getattr(merge_fn, "__self__", None)
+  module = (type(owner).__module__ if owner is not None
+            else getattr(merge_fn, "__module__", "")) or ""
+  if module == "keras" or module.startswith("keras."):
+    return (type(owner).__name__ if owner is not None
+            else getattr(merge_fn, "__qualname__", repr(merge_fn)))
+  return None
+
+
+def optimizer_like_owner_of_merge_fn(merge_fn: Any) -> Optional[Any]:
+  """An object with `apply_gradients` whose method `merge_fn` is, else None.
+
+  Such a merge function applies gradients in a way GBA does not know; it
+  would bypass aggregation, so the caller refuses it.
+  """
+  owner = getattr(_unwrap_partials(merge_fn), "__self__", None)
+  if owner is not None and hasattr(owner, "apply_gradients"):
+    return owner
+  return None
+
+
+def is_legacy_optimizer(optimizer: Any) -> bool:
+  """Whether `optimizer` is a tf_keras legacy `optimizer_v2` optimizer."""
+  return isinstance(optimizer, tf.keras.optimizers.legacy.Optimizer)
+
+
+def clipping_of(optimizer: Any) -> Optional[str]:
+  """The optimizer's gradient clipping as `name=value`, else None."""
+  for name in ("clipnorm", "global_clipnorm", "clipvalue"):
+    value = getattr(optimizer, name, None)
+    if value:
+      return f"{name}={value}"
+  if getattr(optimizer, "gradient_transformers", None):
+    return "gradient_transformers"
+  return None
+
+
+def clip_aggregated(optimizer: Any, grads_and_vars: Sequence[Tuple[Any, Any]],
+                    groups: Sequence[Sequence[int]]) -> List[Any]:
+  """The optimizer's clipping, on the aggregated (global-batch) gradients.
+
+  What `apply_gradients` does after `aggregate_gradients`: `_clip_gradients`
+  in the new optimizer; `_transform_gradients` (clipping, then
+  `gradient_transformers`) in the legacy one. One change: `clipnorm` clips
+  each *whole* variable by its norm, `groups` (lists of indices) naming the
+  shards of one variable, as unsharded synchronous training does; tf_keras
+  would clip each shard of a sharded variable by the shard's own norm.
+  """
+  grads_and_vars = list(grads_and_vars)
+  legacy = is_legacy_optimizer(optimizer)
+  if not getattr(optimizer, "clipnorm", None):
+    if legacy:
+      return list(optimizer._transform_gradients(grads_and_vars))  # pylint: disable=protected-access
+    grads = optimizer._clip_gradients([g for g, _ in grads_and_vars])  # pylint: disable=protected-access
+    return list(zip(grads, [v for _, v in grads_and_vars]))
+  if legacy and optimizer.clipvalue is not None:
+    grads_and_vars = list(optimizer._clipvalue_fn(grads_and_vars))  # pylint: disable=protected-access
+  grads = [g for g, _ in grads_and_vars]
+  for group in groups:
+    clipped, _ = tf.clip_by_global_norm([grads[i] for i in group],
+                                        optimizer.clipnorm)
+    for i, g in zip(group, clipped):
+      grads[i] = g
+  clipped = list(zip(grads, [v for _, v in grads_and_vars]))
+  for transform in (getattr(optimizer, "gradient_transformers", None)
+                    if legacy else None) or []:
+    clipped = list(transform(clipped))
+  return clipped
+
+
+@contextlib.contextmanager
+def learning_rate_at_apply(optimizer: Any):
+  """Makes the new optimizer's update read its schedule at the global step.
+
+  A new tf_keras optimizer with a `LearningRateSchedule` keeps the current
+  rate in a variable that every local `apply_gradients` writes, outside any
+  lock; an update reading that variable could see a rate another worker
+  computed at an older step. Inside this context, `optimizer.learning_rate`
+  is instead a tensor computed here from `iterations` (the global step); the
+  variable is still written, for callbacks and checkpoints. Legacy
+  optimizers and constant rates pass through (their `_prepare` is computed
+  at apply time by `with_fresh_apply_state`).
+  """
+  schedule = getattr(optimizer, "_learning_rate", None)
+  if (is_legacy_optimizer(optimizer) or not isinstance(
+      schedule, tf.keras.optimizers.schedules.LearningRateSchedule)
+      or not hasattr(optimizer, "_current_learning_rate")):
+    yield
+    return
+  variable = optimizer._current_learning_rate  # pylint: disable=protected-access
+  rate = tf.cast(schedule(optimizer.iterations), variable.dtype)
+  variable.assign(rate)
+  # object.__setattr__: a tensor must not replace the variable in the
+  # optimizer's checkpoint dependencies.
+  object.__setattr__(optimizer, "_current_learning_rate", rate)
+  try:
+    yield
+  finally:
+    object.__setattr__(optimizer, "_current_learning_rate", variable)
+
+
+def take_constraints(variables: Sequence[Any]) -> List[Tuple[Any, Any]]:
+  """Removes the variables' constraints for now; returns what to restore.
+
+  The new tf_keras optimizer projects each variable (`constraint(var)`) in
+  the local step, right after its update; under GBA that would be a
+  read-project-write on every local step, racing other workers' applies.
+  GBA takes the constraints off while the local step is traced and applies
+  them inside the global step's apply instead; `restore_constraints` puts
+  them back.
+  """
+  taken = []
+  for var in variables:
+    # PS variables come wrapped (e.g. ps_values.CachingVariable), whose
+    # `constraint` reads the wrapped variable's.
+    while "_v" in vars(var):
+      var = var._v  # pylint: disable=protected-access
+    constraint = getattr(var, "_constraint", None)
+    if constraint is not None:
+      taken.append((var, constraint))
+      var._constraint = None  # pylint: disable=protected-access
+  return taken
+
+
+def restore_constraints(taken: Sequence[Tuple[Any, Any]]) -> None:
+  for var, constraint in taken:
+    var._constraint = constraint  # pylint: disable=protected-access
+
+
 def with_fresh_apply_state(merge_fn: Any, optimizer: Any,
                            var_list: Sequence[Any]) -> Any:
   """`merge_fn` with a legacy optimizer's `apply_state` computed now.
@@ -88,18 +235,6 @@ def with_fresh_apply_state(merge_fn: Any, optimizer: Any,
 
 def is_weight_decay_merge_fn(merge_fn: Any) -> bool:
   return getattr(merge_fn, "__name__", None) == _WEIGHT_DECAY_MERGE_FN
-
-
-def refresh_learning_rate(optimizer: Any) -> None:
-  """Re-evaluates a LearningRateSchedule at the optimizer's current step.
-
-  The new tf_keras optimizer evaluates its schedule once at the start of
-  `apply_gradients`, i.e. when the *local* step starts; GBA applies later, at
-  the global step, so the schedule has to be evaluated again there.
-  """
-  compute = getattr(optimizer, "_compute_current_learning_rate", None)
-  if compute is not None:
-    compute()
 
 
 def data_sleep(sleep_microseconds):

@@ -133,11 +133,14 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
       part of checkpoints.
     * Only tf_keras optimizers (new and legacy) are intercepted; a custom
       loop that updates variables itself (`var.assign_sub`) bypasses GBA.
-      Prefer the new optimizers: the legacy ones evaluate a learning-rate
-      schedule when the local step starts (possibly one global step early
-      under contention) and lose slots of sharded variables in checkpoints.
-    * Decoupled weight decay (`weight_decay=`, AdamW) is applied once per
-      global step, at apply time.
+      Keras 3 optimizers and unknown optimizer merge functions are refused
+      with a ValueError. Legacy optimizers lose slots of sharded variables
+      in checkpoints; prefer the new ones.
+    * Each optimizer's learning-rate schedule, clipping (`clipnorm`,
+      `global_clipnorm`, `clipvalue`), decoupled weight decay and variable
+      constraints run once per global step, inside the apply, on the
+      aggregated gradient: as one process training on the global batch
+      (README, "Optimizer features under GBA").
     * A local gradient holding a NaN or Inf is rejected before aggregation
       and counted in `gba_metrics()["nonfinite"]`; TF1
       `tf.compat.v1.train.Optimizer`s are refused with a ValueError.
@@ -209,6 +212,29 @@ class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):
         self, config.num_aggregate, config.policy, self.tokens,
         self.counters, _STATE_DEVICE)
     self._update_log = None
+    # id(shard) -> (the ShardedVariable it is part of, the shard).
+    self._shard_parents = {}
+
+  def _create_variable(self, next_creator, **kwargs):
+    var = super()._create_variable(next_creator, **kwargs)
+    if isinstance(var, tf.__internal__.distribute.ShardedVariable):
+      for shard in var.variables:
+        self._shard_parents[id(shard)] = (var, shard)
+    return var
+
+  def shard_groups(self, variables):
+    """`variables` grouped by the (whole) variable each is a shard of.
+
+    Returns lists of indices into `variables`; an unsharded variable is a
+    group of its own. Per-variable clipping (`clipnorm`) must see a sharded
+    variable whole, as synchronous training without shards does.
+    """
+    groups = {}
+    for i, var in enumerate(variables):
+      parent = self._shard_parents.get(id(var))
+      key = id(parent[0]) if parent and parent[1] is var else ("v", i)
+      groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
   def _call_for_each_replica(self, fn, args, kwargs):
     self._assert_being_scheduled_by_cluster_coordinator()
@@ -217,12 +243,15 @@ class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):
                                  read_time, self.tokens.worker_index())
     # The forward pass depends on the token, so the token is never newer
     # than the parameters it reads (invariant 2).
-    with tf.device(self.worker_devices[0]), context, \
-        tf.control_dependencies([token, read_time]):
-      outputs = fn(*args, **kwargs)
-      # One push per local step, after every optimizer has handed over its
-      # gradients: they join the same global step.
-      context.push()
+    try:
+      with tf.device(self.worker_devices[0]), context, \
+          tf.control_dependencies([token, read_time]):
+        outputs = fn(*args, **kwargs)
+        # One push per local step, after every optimizer has handed over its
+        # gradients: they join the same global step.
+        context.push()
+    finally:
+      context.close()
     return outputs
 
   def _update(self, var, fn, args, kwargs, group):
@@ -249,9 +278,14 @@ class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):
 class _GBAReplicaContext(compat.ReplicaContext):
   """Replica context that collects the optimizers' gradients for one push.
 
-  Each optimizer's `merge_call` hands over its gradients and returns; the
-  push (and, when it completes a global step, the apply of every optimizer)
-  is built once at the end of the local step by `push()`.
+  A tf_keras optimizer's `apply_gradients` makes up to three merge calls:
+  the all-reduce of its local gradients (`aggregate_gradients`, before any
+  clipping), decoupled weight decay, and the apply. This context keeps the
+  unclipped local gradients from the first, defers the other two, and
+  builds one push for the whole local step in `push()`. The optimizer's
+  clipping, weight decay, learning-rate schedule, update and variable
+  constraints then run once per global step, inside the apply, on the
+  aggregated gradient: what one process training on the global batch does.
 
   Not thread-safe: one per traced replica function.
   """
@@ -263,11 +297,29 @@ class _GBAReplicaContext(compat.ReplicaContext):
     self._worker_index = worker_index
     self._deferred = []
     self._steps = []
+    # id(var) -> (local gradient before clipping, var).
+    self._unclipped = {}
+    # Constraints taken off the variables while this step is traced.
+    self._constraints = []
 
   def merge_call(self, merge_fn, args=(), kwargs=None):
     # Overrides the public method: `merge_call` wraps `merge_fn` for
     # autograph before `_merge_call` sees it, hiding the bound optimizer.
     kwargs = kwargs or {}
+    keras3 = compat.keras3_owner_of_merge_fn(merge_fn)
+    if keras3 is not None:
+      raise ValueError(
+          f"Received: a Keras 3 object ({keras3}) applying gradients; "
+          "GBAStrategy aggregates tf_keras optimizers only (import gba_tf "
+          "before TensorFlow, or set TF_USE_LEGACY_KERAS=1).")
+    if compat.is_gradient_all_reduce_merge_fn(merge_fn):
+      # `aggregate_gradients`: with one replica per worker there is nothing
+      # to all-reduce; keep the gradients as they are (unclipped) for the
+      # push, and hand them back unchanged.
+      grads_and_vars = list(args[0])
+      for g, v in grads_and_vars:
+        self._unclipped[id(v)] = (g, v)
+      return [g for g, _ in grads_and_vars]
     if compat.is_weight_decay_merge_fn(merge_fn):
       # Decoupled weight decay is part of the optimizer step: apply it once
       # per global step, inside the apply, not once per local step.
@@ -282,8 +334,36 @@ class _GBAReplicaContext(compat.ReplicaContext):
             "tf.compat.v1.train.Optimizer, which GBAStrategy cannot "
             "aggregate; use a tf.keras optimizer (e.g. "
             "tf.keras.optimizers.Adagrad).")
+      owner = compat.optimizer_like_owner_of_merge_fn(merge_fn)
+      if owner is not None:
+        raise ValueError(
+            f"Received: {type(owner).__name__}, an optimizer whose merge "
+            f"function {getattr(merge_fn, '__name__', merge_fn)!r} "
+            "GBAStrategy does not recognize; it would bypass aggregation.")
+      # Anything else (e.g. a Keras metric's result) is not an update.
       return super().merge_call(merge_fn, args, kwargs)
-    grads_and_vars = [(g, v) for g, v in args[0] if g is not None]
+    return self._take_optimizer_step(optimizer, merge_fn, args, kwargs)
+
+  def _take_optimizer_step(self, optimizer, merge_fn, args, kwargs):
+    """Records one optimizer's part of the push; returns its `iterations`."""
+    grads_and_vars = []
+    missing = []
+    for g, v in args[0]:
+      if g is None:
+        continue
+      unclipped = self._unclipped.pop(id(v), None)
+      if unclipped is not None and unclipped[1] is v:
+        g = unclipped[0]
+      else:
+        missing.append(v.name)
+      grads_and_vars.append((g, v))
+    clipping = compat.clipping_of(optimizer)
+    if missing and clipping:
+      raise ValueError(
+          f"Received: {clipping} on {type(optimizer).__name__} with "
+          f"gradients that skipped `aggregate_gradients` ({missing}); "
+          "GBAStrategy clips the global-batch gradient and needs the "
+          "unclipped local ones (do not pass skip_gradients_aggregation).")
     rest = tuple(args[1:])
     deferred, self._deferred = self._deferred, []
     strategy = self._strategy
@@ -295,24 +375,42 @@ class _GBAReplicaContext(compat.ReplicaContext):
           f"Received: variables {shared} updated by two optimizer calls in "
           "one local step; GBAStrategy applies each variable once per "
           "global step.")
-
-    def before_apply():
-      compat.refresh_learning_rate(optimizer)
-      for fn, fn_args, fn_kwargs in deferred:
-        fn(strategy, *fn_args, **fn_kwargs)
+    # The new optimizer projects constraints right after this merge call,
+    # in the local step; legacy optimizers do it inside their apply.
+    constraints = ([] if compat.is_legacy_optimizer(optimizer)
+                   else compat.take_constraints(var_list))
+    self._constraints.extend(constraints)
 
     def apply_fn(aggregated):
-      # Legacy optimizers computed their step-dependent state (`_prepare`)
-      # when the local step started; recompute it at the global step.
-      fn = compat.with_fresh_apply_state(merge_fn, optimizer, var_list)
-      return fn(strategy, aggregated, *rest, **kwargs)
+      # At the global step, in the order of tf_keras' apply_gradients:
+      # learning rate, clipping, weight decay, update, constraints.
+      with compat.learning_rate_at_apply(optimizer):
+        aggregated = compat.clip_aggregated(
+            optimizer, aggregated, strategy.extended.shard_groups(var_list))
+        for fn, fn_args, fn_kwargs in deferred:
+          fn(strategy, *fn_args, **fn_kwargs)
+        # Legacy optimizers computed their step-dependent state
+        # (`_prepare`) when the local step started; recompute it here.
+        fn = compat.with_fresh_apply_state(merge_fn, optimizer, var_list)
+        result = fn(strategy, aggregated, *rest, **kwargs)
+        # After the update: tf.function orders ops on one variable in
+        # program order (automatic control dependencies), loops included.
+        for var, constraint in constraints:
+          strategy.extended.update(
+              var, lambda v, c=constraint: v.assign(c(v)), group=False)
+      return result
 
-    self._steps.append(accumulator_lib.OptimizerStep(
-        grads_and_vars, apply_fn, before_apply))
+    self._steps.append(accumulator_lib.OptimizerStep(grads_and_vars,
+                                                     apply_fn))
     return optimizer.iterations
 
   def push(self):
     """Builds this local step's single push (no-op without gradients)."""
+    if self._deferred:
+      raise ValueError(
+          f"Received: {len(self._deferred)} weight-decay call(s) with no "
+          "optimizer apply after them in the local step; GBAStrategy applies "
+          "weight decay inside the optimizer's global step.")
     steps, self._steps = self._steps, []
     if not steps:
       return None
@@ -323,3 +421,9 @@ class _GBAReplicaContext(compat.ReplicaContext):
                              self._worker_index)
 
     return super().merge_call(gba_merge)
+
+  def close(self):
+    """Puts back the constraints taken off while the step was traced."""
+    constraints, self._constraints = self._constraints, []
+    compat.restore_constraints(constraints)
+

@@ -190,6 +190,37 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     h.release(held)   # read token 0 before its (blocked) forward pass
     self.assertEqual(strategy.gba_metrics()["staleness_histogram"][6], 1)
 
+  def test_each_local_step_of_a_multi_step_closure_reads_its_token(self):
+    # Keras `steps_per_execution=k` runs k local steps in one closure (a
+    # tf.range loop around strategy.run). M = 2, 4 local steps in one
+    # closure, nothing else running: step pairs (0, 1) and (2, 3) complete
+    # global steps 0 and 1. Tokens read per local step are 0, 0, 1, 1, so
+    # every tau is 0; one token per closure would be 0 for all four and
+    # give local steps 2 and 3 tau = 1.
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1,
+                              max_staleness=None)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config)
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+      w = tf.Variable(tf.zeros([2]), name="w")
+      optimizer = tf.keras.optimizers.SGD(1.0)
+
+    @tf.function
+    def four_steps():
+      def replica_fn():
+        with tf.GradientTape() as tape:
+          loss = tf.reduce_sum(w * [1.0, 2.0])
+        optimizer.apply_gradients([(tape.gradient(loss, w), w)])
+      for _ in tf.range(4):
+        strategy.run(replica_fn)
+
+    coordinator.schedule(four_steps).fetch()
+    m = strategy.gba_metrics()
+    self.assertEqual(m["global_steps"], 2)
+    self.assertEqual(m["staleness_histogram"][:2], [4, 0])
+    self.assertAllClose(w.numpy(), [-2.0, -4.0])
+
   def test_no_update_lost_under_concurrent_pushes(self):
     # 40 local steps scheduled at once on both workers, every push the same:
     # ids [0, 3, 3] with unit coefficients -> dE[0] = [1, 1], dE[3] = [2, 2];
