@@ -185,6 +185,7 @@ class CheckpointManagerTest(tf.test.TestCase):
     # 83 MiB in these 30 saves (about 2.5 MiB per save and PS). The traced
     # write adds none; the bound leaves room for the 8 MiB allocator steps
     # that the first saves' threads can still bring.
+    testing_utils.collect_before_switching_cluster()
     with gba_tf.cluster.LocalCluster(num_workers=1, num_ps=2) as cluster:
       strategy = gba_tf.GBAStrategy(
           cluster.resolver(),

@@ -50,6 +50,7 @@ class LocalClusterTest(tf.test.TestCase):
     self.assertGreater(summary["test_auc"], 0.5)
 
   def test_local_cluster_processes_are_cleaned_up(self):
+    testing_utils.collect_before_switching_cluster()
     with gba_tf.cluster.LocalCluster(num_workers=1, num_ps=1) as cluster:
       procs = list(cluster.processes.values())
       self.assertLen(procs, 2)

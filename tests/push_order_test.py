@@ -53,6 +53,7 @@ class _LoggingSGD(tf.keras.optimizers.SGD):
 class PushOrderTest(tf.test.TestCase):
 
   def test_every_shard_aggregates_the_same_pushes_per_step(self):
+    testing_utils.collect_before_switching_cluster()
     with gba_tf.cluster.LocalCluster(num_workers=4, num_ps=2) as cluster:
       config = gba_tf.GBAConfig(global_batch_size=_M, local_batch_size=1,
                                 decay="none", max_staleness=None)

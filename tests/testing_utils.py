@@ -1,6 +1,7 @@
 """Shared test helpers: one in-process cluster per pytest process."""
 
 import functools
+import gc
 import json
 import os
 import shutil
@@ -34,6 +35,18 @@ _KEEP_ALIVE = []
 def keep_alive(*objects) -> None:
   """Never garbage-collect `objects` (remote handles of a stopped cluster)."""
   _KEEP_ALIVE.append(objects)
+
+
+def collect_before_switching_cluster() -> None:
+  """Destroys unreachable remote objects while their cluster is current.
+
+  A test that connects to a cluster of its own moves the eager context
+  away from the shared one; a variable of the shared cluster destroyed
+  after that (e.g. a Keras model in a reference cycle, freed by a later
+  garbage collection) segfaults TF 2.21 the same way. Call right before
+  connecting elsewhere.
+  """
+  gc.collect()
 
 
 def two_shards():
