@@ -105,6 +105,7 @@ class CheckpointManager:
     self._is_chief = is_chief
     self._checkpoint = _checkpoint(model, optimizer)
     self._write = None
+    self._writes = []  # every write function built, for `traces`
     self._traced_for = None
     self._last = None
     state = (tf.train.get_checkpoint_state(directory)
@@ -127,14 +128,17 @@ class CheckpointManager:
           lambda prefix: checkpoint.write(prefix),
           input_signature=[tf.TensorSpec([], tf.string)])
       self._traced_for = counts
+      self._writes.append(self._write)
     return self._write
 
   @property
   def traces(self) -> int:
-    """How many times the write has been traced (1 in a steady job)."""
-    if self._write is None:
-      return 0
-    return self._write.experimental_get_tracing_count()
+    """Traces of every write function this manager built (1 when steady).
+
+    A new function per save, or a retrace of one, is what leaks on the PS;
+    either raises this count.
+    """
+    return sum(w.experimental_get_tracing_count() for w in self._writes)
 
   def save(self, step: int) -> str:
     """Writes checkpoint `ckpt-<step>`; returns its path prefix.

@@ -503,15 +503,24 @@ class Job:
              eval_seconds: float, strategy, sync: bool,
              per_step: int) -> Dict[str, Any]:
     c = self.config
-    batch = c.global_batch_size if sync else per_step * c.local_batch_size
-    samples = optimizer_steps * batch
+    # Samples from what ran, not from the config: the optimizer steps this
+    # phase executed (a sync step is one global batch; a plain PS step one
+    # local batch) or, under GBA, the local gradients the PS counted as
+    # pushed (applied, dropped or still pending).
+    gba = (strategy.gba_metrics()
+           if not sync and hasattr(strategy, "gba_metrics") else None)
+    if gba is not None:
+      samples = gba["pushed"] * c.local_batch_size
+    else:
+      batch = c.global_batch_size if sync else per_step * c.local_batch_size
+      samples = optimizer_steps * batch
     phase = {"mode": c.mode, "optimizer_steps": optimizer_steps,
              "samples": samples, "seconds": train_seconds,
              "eval_seconds": eval_seconds,
              "samples_per_s": samples / train_seconds if train_seconds
                               else 0.0}
-    if not sync and hasattr(strategy, "gba_metrics"):
-      phase["gba"] = strategy.gba_metrics()
+    if gba is not None:
+      phase["gba"] = gba
     return phase
 
   def _append_phase(self, phase: Dict[str, Any]) -> None:

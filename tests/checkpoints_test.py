@@ -168,11 +168,14 @@ class CheckpointManagerTest(tf.test.TestCase):
     manager.save(0)
     optimizer.build(model.trainable_variables)
     manager.save(1)
-    # The second write was traced anew (its function has traced once) and
-    # holds the slots: Adam's m and v for each of the 5 weights (embedding
-    # table, hidden kernel and bias, output kernel and bias) = 10. The
-    # first checkpoint, written before the build, has none.
-    self.assertEqual(manager.traces, 1)
+    # The second write was traced anew (a second function: 2 traces in
+    # all, and no more on a third save) and holds the slots: Adam's m and v
+    # for each of the 5 weights (embedding table, hidden kernel and bias,
+    # output kernel and bias) = 10. The first checkpoint, written before the
+    # build, has none.
+    self.assertEqual(manager.traces, 2)
+    manager.save(2)
+    self.assertEqual(manager.traces, 2)
     slots = lambda path: [k for k in _tensors(path)
                           if k.startswith("optimizer/_variables/")]
     self.assertEmpty(slots(os.path.join(directory, "ckpt-0")))

@@ -104,9 +104,11 @@ class FaultsTest(tf.test.TestCase):
     self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],
                      gba["global_steps"])
     # At least once: the killed worker's in-flight step may be pushed again
-    # by another worker, never lost.
+    # by another worker, never lost. One closure is in flight per worker and
+    # each is one local step (no steps_per_execution), so at most one push
+    # of the 800 scheduled local steps is repeated.
     self.assertGreaterEqual(gba["pushed"], 800)
-    self.assertLessEqual(gba["pushed"], 800 + 4)
+    self.assertLessEqual(gba["pushed"], 800 + 1)
     # The restarted worker trained on: its last gradient carried a token
     # read near the end (fresh tokens, not one from before the kill), and
     # no gradient in the job was staler than a few steps.
@@ -126,6 +128,7 @@ class FaultsTest(tf.test.TestCase):
     gba = _read(model_dir, "phases.jsonl")[-1]["gba"]
     _assert_conserved(self, gba)
     self.assertGreaterEqual(gba["pushed"], 480)
+    self.assertLessEqual(gba["pushed"], 480 + 1)  # as above
     # Worker 0 did the rest alone.
     self.assertGreater(gba["worker_pushed"][0], 240)
     self.assertLess(gba["worker_last_token"][1], gba["global_steps"] - 20)
