@@ -8,11 +8,6 @@ Keras epoch), then checks what the job wrote.
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
@@ -21,54 +16,17 @@ import tensorflow as tf
 
 from tests import testing_utils
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_FLAGFILE = os.path.join(_ROOT, "configs", "local_gba.cfg")
 # Every run: 240 optimizer steps of 2 local steps, 20 ms each, in loops of
 # 40 steps (one checkpoint per loop).
 _ARGS = ["--mode=gba", "--train_steps=240", "--steps_per_loop=40",
          "--eval_examples=0"]
 
 
-class _Job:
-  """`launch_local.py` in the background, its output collected."""
-
-  def __init__(self, model_dir, *extra):
-    self.model_dir = model_dir
-    self.proc = subprocess.Popen(
-        [sys.executable, os.path.join(_ROOT, "scripts", "launch_local.py"),
-         f"--flagfile={_FLAGFILE}", f"--model_dir={model_dir}", *_ARGS,
-         *extra], cwd=_ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    self.lines = []
-    self._reader = threading.Thread(target=self._read, daemon=True)
-    self._reader.start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self.lines.append(line)
-
-  @property
-  def output(self):
-    return "".join(self.lines)
-
-  def wait_for(self, text, timeout=180):
-    deadline = time.monotonic() + timeout
-    while text not in self.output:
-      if self.proc.poll() is not None or time.monotonic() > deadline:
-        raise AssertionError(f"never saw {text!r}:\n{self.output[-3000:]}")
-      time.sleep(0.1)
-
-  def kill(self, task):
-    with open(os.path.join(self.model_dir, "tasks.json")) as f:
-      os.kill(json.load(f)[task], signal.SIGKILL)
-
-  def finish(self, timeout=300):
-    self.proc.wait(timeout=timeout)
-    self._reader.join(timeout=5)
-    return self.proc.returncode
-
-
 _read = testing_utils.read_job_file
+
+
+def _job(test, model_dir, *extra):
+  return testing_utils.LaunchedJob(test, model_dir, *_ARGS, *extra)
 
 
 def _assert_conserved(test, gba):
@@ -86,7 +44,7 @@ class FaultsTest(tf.test.TestCase):
     model_dir = testing_utils.temp_dir(self, "gba_kill_worker_")
     # 400 steps: time for the restarted worker (a fresh TF process) to
     # rejoin and train.
-    job = _Job(model_dir, "--train_steps=400")
+    job = _job(self, model_dir, "--train_steps=400")
     job.wait_for("[chief:0] Epoch 2/")
     # Every task's gRPC server listens on loopback only.
     with open(os.path.join(model_dir, "tasks.json")) as f:
@@ -119,7 +77,7 @@ class FaultsTest(tf.test.TestCase):
 
   def test_worker_killed_without_restart(self):
     model_dir = testing_utils.temp_dir(self, "gba_lose_worker_")
-    job = _Job(model_dir, "--norestart_tasks")
+    job = _job(self, model_dir, "--norestart_tasks")
     job.wait_for("[chief:0] Epoch 2/")
     job.kill("worker:1")
     self.assertEqual(job.finish(), 0, job.output[-3000:])
@@ -135,7 +93,7 @@ class FaultsTest(tf.test.TestCase):
 
   def test_ps_killed_resumes_from_last_checkpoint(self):
     model_dir = testing_utils.temp_dir(self, "gba_kill_ps_")
-    job = _Job(model_dir)
+    job = _job(self, model_dir)
     # Loops 1 and 2 (80 steps) are done and backed up once epoch 3 starts.
     job.wait_for("[chief:0] Epoch 3/")
     job.kill("ps:0")
@@ -155,12 +113,12 @@ class FaultsTest(tf.test.TestCase):
 
   def test_chief_killed_then_rerun_resumes(self):
     model_dir = testing_utils.temp_dir(self, "gba_kill_chief_")
-    job = _Job(model_dir)
+    job = _job(self, model_dir)
     job.wait_for("[chief:0] Epoch 3/")
     job.kill("chief:0")
     self.assertNotEqual(job.finish(), 0)
     self.assertFalse(os.path.exists(os.path.join(model_dir, "result.json")))
-    rerun = _Job(model_dir)
+    rerun = _job(self, model_dir)
     self.assertEqual(rerun.finish(), 0, rerun.output[-3000:])
     phase = _read(model_dir, "phases.jsonl")[-1]
     self.assertGreaterEqual(phase["start_step"], 80)
@@ -169,7 +127,7 @@ class FaultsTest(tf.test.TestCase):
 
   def test_nonfinite_gradients_from_one_worker_are_rejected(self):
     model_dir = testing_utils.temp_dir(self, "gba_nan_")
-    job = _Job(model_dir, "--inject_nonfinite_worker=1", "--train_steps=60")
+    job = _job(self, model_dir, "--inject_nonfinite_worker=1", "--train_steps=60")
     self.assertEqual(job.finish(), 0, job.output[-3000:])
     gba = _read(model_dir, "phases.jsonl")[-1]["gba"]
     # Every gradient of worker 1 is rejected and counted, none applied.

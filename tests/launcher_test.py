@@ -7,23 +7,20 @@ config, `result.json`, `phases.jsonl`, `switch_state.json`, `launch.json`.
 
 import os
 import subprocess
-import sys
+import types
 
 import pytest
 import tensorflow as tf
 
 from tests import testing_utils
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_FLAGFILE = os.path.join(_ROOT, "configs", "local_gba.cfg")
 
 
-def _launch(model_dir, *args, timeout=300):
-  proc = subprocess.run(
-      [sys.executable, os.path.join(_ROOT, "scripts", "launch_local.py"),
-       f"--flagfile={_FLAGFILE}", f"--model_dir={model_dir}", *args],
-      cwd=_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
-  return proc
+def _launch(test, model_dir, *args, timeout=300):
+  """Runs a job to its end; (exit code, output). Ends it if the test fails."""
+  job = testing_utils.LaunchedJob(test, model_dir, *args)
+  code = job.finish(timeout)
+  return types.SimpleNamespace(returncode=code, stdout=job.output)
 
 
 _read = testing_utils.read_job_file
@@ -36,7 +33,7 @@ class LaunchLocalTest(tf.test.TestCase):
     results = {}
     for mode in ("sync", "gba"):
       model_dir = testing_utils.temp_dir(self, f"gba_{mode}_")
-      proc = _launch(model_dir, f"--mode={mode}", "--train_steps=40",
+      proc = _launch(self, model_dir, f"--mode={mode}", "--train_steps=40",
                      "--step_ms=5")
       self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
       # Logs come back prefixed with the task that wrote them.
@@ -58,7 +55,7 @@ class LaunchLocalTest(tf.test.TestCase):
   def test_auto_switches_to_gba_under_a_straggler_and_back(self):
     model_dir = testing_utils.temp_dir(self, "gba_auto_")
     # Worker 1 at 1/4 speed for the first 15 s after launch.
-    proc = _launch(model_dir, "--mode=auto", "--straggler=1:4",
+    proc = _launch(self, model_dir, "--mode=auto", "--straggler=1:4",
                    "--straggler_seconds=15", "--train_steps=400")
     self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
     switches = _read(model_dir, "switch_state.json")["switches"]
@@ -91,7 +88,7 @@ class LaunchLocalTest(tf.test.TestCase):
 
   def test_auto_stays_in_sync_when_healthy(self):
     model_dir = testing_utils.temp_dir(self, "gba_healthy_")
-    proc = _launch(model_dir, "--mode=auto", "--train_steps=100")
+    proc = _launch(self, model_dir, "--mode=auto", "--train_steps=100")
     self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
     self.assertFalse(os.path.exists(os.path.join(model_dir,
                                                  "switch_state.json")))
@@ -102,12 +99,32 @@ class LaunchLocalTest(tf.test.TestCase):
   def test_failing_job_returns_the_chief_code_and_leaves_no_process(self):
     model_dir = testing_utils.temp_dir(self, "gba_fail_")
     # Every task rejects the flags; the launcher must still reap them all.
-    proc = _launch(model_dir, "--mode=gba", "--straggler=5:4")
+    proc = _launch(self, model_dir, "--mode=gba", "--straggler=5:4")
     self.assertEqual(proc.returncode, 2, proc.stdout[-3000:])
     self.assertIn("--straggler=5:4, but there are only 2 workers",
                   proc.stdout)
     launch = _read(model_dir, "launch.json")
     self.assertEqual(launch["exit_code"], 2)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                        text=True, check=True).stdout
+    self.assertNotIn(f"--model_dir={model_dir}", ps)
+
+  def test_a_failed_test_leaves_no_process(self):
+    # A test that fails mid-job (here: `finish` times out) must not leave
+    # the job behind. The job's cleanup is what a failing test runs; it is
+    # called here directly, then every task PID of the job must be gone.
+    model_dir = testing_utils.temp_dir(self, "gba_leak_")
+    job = testing_utils.LaunchedJob(self, model_dir, "--mode=gba",
+                                    "--train_steps=100000")
+    job.wait_for("[chief:0] Epoch 1/")
+    tasks = job.task_pids()
+    self.assertCountEqual(tasks, ["chief:0", "worker:0", "worker:1", "ps:0"])
+    self.assertLen(job.live_tasks(), 4)
+    with self.assertRaisesRegex(AssertionError, "job still running"):
+      job.finish(timeout=1)
+    job.stop()
+    self.assertIsNotNone(job.proc.poll())
+    self.assertEqual(job.live_tasks(), {})
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True,
                         text=True, check=True).stdout
     self.assertNotIn(f"--model_dir={model_dir}", ps)

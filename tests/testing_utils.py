@@ -5,10 +5,18 @@ import gc
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 
 import gba_tf
 import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGFILE = os.path.join(ROOT, "configs", "local_gba.cfg")
 
 # Every unit test that needs servers shares this shape: 2 workers so that one
 # can be held while the other runs, 2 PS so that sharded variables really are
@@ -75,3 +83,103 @@ def temp_dir(test, prefix: str) -> str:
   if not os.environ.get("GBA_KEEP_TEST_DIRS"):
     test.addCleanup(shutil.rmtree, path, ignore_errors=True)
   return path
+
+
+def _is_live_task_of(pid: int, model_dir: str) -> bool:
+  """Whether `pid` is a live (not zombie) process training into `model_dir`.
+
+  Guards against PID reuse: a task's command line names its model dir.
+  """
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      state = f.read().rsplit(")", 1)[1].split()[0]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      cmdline = f.read().decode(errors="replace")
+  except OSError:
+    return False
+  return state != "Z" and model_dir in cmdline
+
+
+class LaunchedJob:
+  """`scripts/launch_local.py` in the background, ended with its test.
+
+  The launcher starts every task in a session of its own, and a GBA server
+  blocks in `server.join()` forever, so a test that fails or times out must
+  not just drop the launcher. `stop()`, registered as a cleanup of `test`,
+  sends the launcher SIGTERM (its handler stops the tasks, SIGTERM then
+  SIGKILL), then SIGKILLs any task still listed in `<model_dir>/tasks.json`.
+
+  Args:
+    test: the test case; `stop` runs at its cleanup.
+    model_dir: the job's model directory.
+    *args: flags after `--flagfile=configs/local_gba.cfg --model_dir=...`.
+  """
+
+  def __init__(self, test, model_dir: str, *args: str):
+    self.model_dir = model_dir
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "scripts", "launch_local.py"),
+         f"--flagfile={FLAGFILE}", f"--model_dir={model_dir}", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+    test.addCleanup(self.stop)
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line)
+
+  @property
+  def output(self) -> str:
+    return "".join(self.lines)
+
+  def task_pids(self):
+    """`{task: pid}` of the tasks the launcher runs now ({} before any)."""
+    try:
+      with open(os.path.join(self.model_dir, "tasks.json")) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+
+  def wait_for(self, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in self.output:
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        raise AssertionError(f"never saw {text!r}:\n{self.output[-3000:]}")
+      time.sleep(0.1)
+
+  def kill(self, task: str) -> None:
+    """SIGKILLs one task of the job (fault injection)."""
+    os.kill(self.task_pids()[task], signal.SIGKILL)
+
+  def finish(self, timeout: float = 300) -> int:
+    """Waits for the launcher; its exit code. Raises past `timeout`."""
+    try:
+      self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+      raise AssertionError(
+          f"job still running after {timeout} s:\n{self.output[-3000:]}"
+      ) from e
+    self._reader.join(timeout=5)
+    return self.proc.returncode
+
+  def stop(self) -> None:
+    """Ends the launcher and every task it started that is still alive."""
+    tasks = self.task_pids()
+    if self.proc.poll() is None:
+      self.proc.terminate()
+      try:
+        self.proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    for pid in set(tasks.values()) | set(self.task_pids().values()):
+      if _is_live_task_of(pid, self.model_dir):
+        os.kill(pid, signal.SIGKILL)
+    self._reader.join(timeout=5)
+
+  def live_tasks(self):
+    """Tasks listed in tasks.json whose process still runs."""
+    return {name: pid for name, pid in self.task_pids().items()
+            if _is_live_task_of(pid, self.model_dir)}
