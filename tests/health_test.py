@@ -79,6 +79,61 @@ class HealthMonitorTest(parameterized.TestCase):
       monitor.observe([0.1, float("nan")])
 
 
+  def test_recovering_streak_resets_on_a_slow_check(self):
+    monitor = health.HealthMonitor(num_workers=2, window=2,
+                                   initial_state=STRAGGLING)
+    healthy, slow = [0.05, 0.05], [0.05, 0.20]
+    self.assertEqual(monitor.observe(healthy).streak, 1)
+    # A slow check in between: the recovering streak starts over.
+    report = monitor.observe(slow)
+    self.assertEqual((report.state, report.streak), (STRAGGLING, 0))
+    self.assertEqual(monitor.observe(healthy).streak, 1)
+    report = monitor.observe(healthy)
+    self.assertEqual((report.state, report.changed), (HEALTHY, True))
+
+  def test_ratio_exactly_at_a_threshold(self):
+    # Slow means strictly above slow_ratio; recovered means not above
+    # recover_ratio. 0.10 / 0.05 = 2.0 exactly, 50 ms apart (> min gap).
+    monitor = health.HealthMonitor(num_workers=2, window=1, slow_ratio=2.0,
+                                   recover_ratio=2.0)
+    self.assertEqual(monitor.observe([0.05, 0.10]).slow_workers, ())
+    self.assertEqual(monitor.state, HEALTHY)
+    straggling = health.HealthMonitor(num_workers=2, window=1,
+                                      slow_ratio=3.0, recover_ratio=2.0,
+                                      initial_state=STRAGGLING)
+    report = straggling.observe([0.05, 0.10])
+    self.assertEqual((report.state, report.changed), (HEALTHY, True))
+
+  def test_peers_at_zero_latency(self):
+    monitor = health.HealthMonitor(num_workers=2, window=1)
+    # All zero: nobody is slow (0 / 0 counts as 1).
+    self.assertEqual(monitor.ratios([0.0, 0.0]), (1.0, 1.0))
+    self.assertEqual(monitor.observe([0.0, 0.0]).slow_workers, ())
+    # A worker over a peer at zero is infinitely slower, and 50 ms apart.
+    self.assertEqual(monitor.ratios([0.0, 0.05]), (0.0, float("inf")))
+    self.assertEqual(monitor.observe([0.0, 0.05]).slow_workers, (1,))
+
+  @parameterized.named_parameters(
+      ("negative", [-0.1, 0.1]),
+      ("infinite", [float("inf"), 0.1]),
+      ("minus_infinite", [0.1, float("-inf")]),
+  )
+  def test_latencies_out_of_range(self, latencies):
+    monitor = health.HealthMonitor(num_workers=2)
+    with self.assertRaisesRegex(ValueError,
+                                r"Received: latencies=.*finite and >= 0"):
+      monitor.observe(latencies)
+    self.assertEqual((monitor.state, monitor.observe([0.1, 0.1]).streak),
+                     (HEALTHY, 0))
+
+  def test_latencies_from_logs(self):
+    logs = {"loss": 0.5, "step_seconds/w0": 0.02, "step_seconds/w1": 0.08}
+    self.assertEqual(health.latencies_from_logs(logs, 2), (0.02, 0.08))
+    # A worker missing, or no logs at all: no check this batch.
+    self.assertIsNone(health.latencies_from_logs(logs, 3))
+    self.assertIsNone(health.latencies_from_logs(None, 2))
+
+
 class GBALatencySourceTest(tf.test.TestCase):
 
   def test_windows_close_on_completed_pushes(self):
