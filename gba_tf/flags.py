@@ -102,6 +102,11 @@ def define_flags() -> None:
       "straggler_until", 0.0,
       "Unix time at which the straggler recovers; 0 = never. Set by "
       "scripts/launch_local.py.")
+  flags.DEFINE_string(
+      "straggler_stop_file", "",
+      "The straggler recovers once this file exists (checked per batch on "
+      "each worker); empty = never. Ends a straggler on an event rather than "
+      "on the clock (tests).")
   flags.DEFINE_integer(
       "straggler_period", 0,
       "Seconds; > 0 makes the straggler move: every period a worker drawn "

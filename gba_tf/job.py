@@ -85,6 +85,7 @@ class JobConfig:
   slow_worker: int
   slowdown: float
   straggler_until: float
+  straggler_stop_file: str
   straggler_period: int
   inject_nonfinite_worker: int
   health_check_steps: int
@@ -176,6 +177,7 @@ def config_from_flags(task: cluster_lib.TaskConfig,
       train_examples=f.train_examples, test_examples=f.test_examples,
       eval_examples=f.eval_examples, backup=f.backup, seed=f.seed, step_ms=f.step_ms, slow_worker=slow_worker,
       slowdown=slowdown, straggler_until=f.straggler_until,
+      straggler_stop_file=f.straggler_stop_file,
       straggler_period=f.straggler_period,
       inject_nonfinite_worker=f.inject_nonfinite_worker,
       health_check_steps=f.health_check_steps,
@@ -333,6 +335,7 @@ class Job:
         self.config.slow_worker, self.config.slowdown,
         shuffle_seed=self.config.seed, num_shards=self.config.num_workers,
         straggler_until=self.config.straggler_until,
+        straggler_stop_file=self.config.straggler_stop_file,
         global_batch_size=self.config.global_batch_size if sync else None,
         straggler_period=self.config.straggler_period,
         num_workers=self.config.num_workers,

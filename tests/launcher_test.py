@@ -54,9 +54,17 @@ class LaunchLocalTest(tf.test.TestCase):
 
   def test_auto_switches_to_gba_under_a_straggler_and_back(self):
     model_dir = testing_utils.temp_dir(self, "gba_auto_")
-    # Worker 1 at 1/4 speed for the first 15 s after launch.
-    proc = _launch(self, model_dir, "--mode=auto", "--straggler=1:4",
-                   "--straggler_seconds=15", "--train_steps=400")
+    # Worker 1 at 1/4 speed until the job has switched to GBA: the test
+    # ends the straggler on that event (a file the workers check per
+    # batch), not on the clock, which a loaded machine could outrun.
+    stop_file = os.path.join(model_dir, "straggler_done")
+    job = testing_utils.LaunchedJob(
+        self, model_dir, "--mode=auto", "--straggler=1:4",
+        f"--straggler_stop_file={stop_file}", "--train_steps=400")
+    job.wait_for("[switch] sync -> gba", timeout=300)
+    with open(stop_file, "w"):
+      pass
+    proc = types.SimpleNamespace(returncode=job.finish(), stdout=job.output)
     self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
     switches = _read(model_dir, "switch_state.json")["switches"]
     self.assertEqual([(s["from_mode"], s["to_mode"]) for s in switches],

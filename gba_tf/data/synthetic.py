@@ -141,7 +141,7 @@ def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
                num_shards: int = 1, straggler_until: float = 0.0,
                global_batch_size: Optional[int] = None,
                straggler_period: float = 0.0, num_workers: int = 1,
-               nonfinite_worker: int = -1):
+               nonfinite_worker: int = -1, straggler_stop_file: str = ""):
   """A `dataset_fn` for `DatasetCreator` / per-worker datasets.
 
   Repeats `(ids, labels[:, None])` in batches, optionally shuffled, with the
@@ -174,7 +174,8 @@ def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
     ds = ds.prefetch(2)
     return with_straggler(ds, step_ms, slow_worker, slowdown,
                           until=straggler_until, index=index,
-                          period=straggler_period, num_workers=num_workers)
+                          period=straggler_period, num_workers=num_workers,
+                          stop_file=straggler_stop_file)
 
   return fn
 
@@ -200,7 +201,7 @@ def worker_index(input_context=None):
 def with_straggler(dataset: tf.data.Dataset, step_ms: float,
                    slow_worker: int = -1, slowdown: float = 1.0,
                    until: float = 0.0, index=None, period: float = 0.0,
-                   num_workers: int = 1):
+                   num_workers: int = 1, stop_file: str = ""):
   """Emulates per-step compute time, with one worker `slowdown` times slower.
 
   On a machine with fewer cores than workers, real compute would make all
@@ -228,6 +229,8 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
       hash(floor(t / period)) mod num_workers, on every worker's clock
       (`slow_worker` then only needs to be >= 0).
     num_workers: workers the moving straggler is drawn from.
+    stop_file: the straggler recovers once this file exists (checked per
+      batch); "" for never.
   """
   if step_ms < 0 or slowdown < 1.0:
     raise ValueError(f"Received: step_ms={step_ms}, slowdown={slowdown}; "
@@ -250,6 +253,9 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
       else:
         slow = tf.constant(slow_worker, tf.int64)
       still = tf.constant(True) if not until else now < until
+      if stop_file:
+        still = tf.logical_and(
+            still, tf.equal(tf.size(tf.io.matching_files(stop_file)), 0))
       return tf.cast(tf.logical_and(tf.equal(index, slow), still), tf.int64)
 
     # The extra sleep sits in a second stream that is only pulled from while
