@@ -9,7 +9,9 @@ tensor (weights, Adam slots, `iterations`) equals A's; a slot restored wrong
 or left at its initial value would differ.
 """
 
+import glob
 import os
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -159,6 +161,26 @@ class CheckpointManagerTest(tf.test.TestCase):
     self.assertEqual(checkpoints.restore_latest(directory, model,
                                                 optimizer), 5)
     self.assertAllEqual(bias, np.full(bias.shape, 4.0))
+
+  def test_non_chief_writes_and_keeps_nothing(self):
+    # A MultiWorkerMirroredStrategy worker other than the chief must take
+    # part in every write, then keep nothing: no file in the directory, no
+    # temporary directory left behind.
+    model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
+    model.build((None, 3))
+    optimizer = tf.keras.optimizers.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+    directory = os.path.join(self.get_temp_dir(), "non_chief")
+    scratch = tempfile.gettempdir()
+    before = set(glob.glob(os.path.join(scratch, "gba_ckpt_*")))
+    manager = checkpoints.CheckpointManager(directory, model, optimizer,
+                                            is_chief=False)
+    self.assertEqual(manager.save(3), os.path.join(directory, "ckpt-3"))
+    manager.save(4)
+    self.assertEqual(manager.traces, 1)  # it really wrote, through one trace
+    self.assertFalse(os.path.exists(directory))
+    self.assertEqual(set(glob.glob(os.path.join(scratch, "gba_ckpt_*"))),
+                     before)
 
   def test_traces_again_when_the_optimizer_gains_variables(self):
     model, _ = self._gba_model(testing_utils.shared_cluster())

@@ -117,6 +117,18 @@ class LaunchLocalTest(tf.test.TestCase):
                         text=True, check=True).stdout
     self.assertNotIn(f"--model_dir={model_dir}", ps)
 
+  def test_sigterm_stops_the_job_with_143_and_every_task(self):
+    # What Kubernetes or Ctrl-C does to the launcher: SIGTERM. It exits
+    # with 128 + 15 and takes every task down with it.
+    model_dir = testing_utils.temp_dir(self, "gba_term_")
+    job = testing_utils.LaunchedJob(self, model_dir, "--mode=gba",
+                                    "--train_steps=100000")
+    job.wait_for("[chief:0] Epoch 1/")
+    self.assertLen(job.live_tasks(), 4)
+    job.proc.terminate()
+    self.assertEqual(job.finish(timeout=120), 143, job.output[-3000:])
+    self.assertEqual(job.live_tasks(), {})
+
   def test_a_failed_test_leaves_no_process(self):
     # A test that fails mid-job (here: `finish` times out) must not leave
     # the job behind. The job's cleanup is what a failing test runs; it is
