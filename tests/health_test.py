@@ -161,6 +161,74 @@ class GBALatencySourceTest(tf.test.TestCase):
     self.assertAllClose(source.poll(), (0.02, 0.3))
 
 
+def _sync_logs(w0, w1):
+  return {"loss": 0.5, "step_seconds/w0": w0, "step_seconds/w1": w1}
+
+
+class HealthCallbackTest(tf.test.TestCase):
+  """The callback driven batch by batch, as `model.fit` calls it."""
+
+  def _callback(self, auto=True, **kwargs):
+    lines = []
+    callback = switching.HealthCallback(
+        health.HealthMonitor(num_workers=2, window=2), "sync",
+        check_every=2, auto=auto, log=lines.append, **kwargs)
+    callback.set_model(tf.keras.Sequential([tf.keras.layers.Dense(1)]))
+    return callback, lines
+
+  def test_sync_averages_each_check_and_stops_to_switch(self):
+    callback, lines = self._callback()
+    # Check 1 averages batches 0-1: w1 = (0.08 + 0.10) / 2 = 0.09.
+    callback.on_train_batch_end(0, _sync_logs(0.02, 0.08))
+    self.assertEqual(callback.reports, [])
+    callback.on_train_batch_end(1, _sync_logs(0.02, 0.10))
+    self.assertLen(callback.reports, 1)
+    self.assertAllClose(callback.reports[0].latencies, (0.02, 0.09))
+    self.assertFalse(callback.model.stop_training)
+    # Check 2 (window = 2): straggling, so sync stops to switch to GBA.
+    callback.on_train_batch_end(2, _sync_logs(0.02, 0.08))
+    callback.on_train_batch_end(3, _sync_logs(0.02, 0.08))
+    self.assertEqual(callback.target, "gba")
+    self.assertTrue(callback.model.stop_training)
+    self.assertIn("[switch] sync -> gba: stragglers for 2 checks: worker 1",
+                  lines[-1])
+    record = callback.switch_record(40)
+    self.assertEqual((record.from_mode, record.to_mode, record.global_step),
+                     ("sync", "gba", 40))
+    self.assertEqual(record.step_seconds, [0.02, 0.08])
+
+  def test_without_auto_it_only_reports(self):
+    callback, lines = self._callback(auto=False)
+    for batch in range(4):
+      callback.on_train_batch_end(batch, _sync_logs(0.02, 0.08))
+    self.assertEqual(callback.reports[-1].state, STRAGGLING)
+    self.assertIsNone(callback.target)
+    self.assertFalse(callback.model.stop_training)
+    self.assertTrue(any("[health] sync:" in line for line in lines))
+
+  def test_batches_without_latencies_are_skipped(self):
+    callback, _ = self._callback()
+    for batch in range(4):
+      callback.on_train_batch_end(batch, {"loss": 0.5})
+    self.assertEqual(callback.reports, [])
+
+  def test_ps_modes_poll_the_latency_source(self):
+    polls = []
+
+    class Source:
+      def poll(self):
+        polls.append(1)
+        return (0.02, 0.08) if len(polls) % 2 == 0 else None
+
+    callback, _ = self._callback(latency_source=Source())
+    # check_every = 2: a poll every batch (2 // 2), a window every 2nd poll.
+    for batch in range(4):
+      callback.on_train_batch_end(batch, None)
+    self.assertLen(polls, 4)
+    self.assertLen(callback.reports, 2)
+    self.assertEqual(callback.target, "gba")
+
+
 class SwitchingTest(tf.test.TestCase):
 
   def _report(self, state, changed, slow=(), ratios=(1.0, 1.0)):
