@@ -40,13 +40,9 @@ def _model(constraint=None, seed=1):
 
 
 def _params(model):
-  """Whole (possibly sharded) weights, layer by layer."""
-  out = []
-  for layer in model.layers:
-    for name in ("embeddings", "kernel", "bias"):
-      if hasattr(layer, name):
-        out.append(tf.convert_to_tensor(getattr(layer, name)).numpy())
-  return out
+  """Whole (possibly sharded) weights, layer by layer, as numpy."""
+  return [tf.convert_to_tensor(w).numpy()
+          for w in testing_utils.layer_weights(model)]
 
 
 def _split(model):
@@ -107,9 +103,8 @@ def _gba(make_optimizers, apply, constraint=None, local_steps=_M * _STEPS):
     model = _model(constraint)
     optimizers = make_optimizers(model)
   # Same starting point: sharded initialisation draws per shard.
-  for v, v0 in zip([getattr(layer, name) for layer in model.layers
-                    for name in ("embeddings", "kernel", "bias")
-                    if hasattr(layer, name)], _params(_model(constraint))):
+  for v, v0 in zip(testing_utils.layer_weights(model),
+                   _params(_model(constraint))):
     v.assign(v0)
 
   @tf.function

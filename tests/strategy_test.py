@@ -358,14 +358,7 @@ def _ctr_model(vocab=40, dim=4):
   return tf.keras.Model(ids, out)
 
 
-def _params(model):
-  """Whole (possibly sharded) weights, layer by layer."""
-  out = []
-  for layer in model.layers:
-    for name in ("embeddings", "kernel", "bias"):
-      if hasattr(layer, name):
-        out.append(getattr(layer, name))
-  return out
+_params = testing_utils.layer_weights
 
 
 _bce = tf.keras.losses.BinaryCrossentropy(

@@ -57,6 +57,13 @@ def collect_before_switching_cluster() -> None:
   gc.collect()
 
 
+def layer_weights(model):
+  """A Keras model's whole (possibly sharded) weights, layer by layer."""
+  return [getattr(layer, name) for layer in model.layers
+          for name in ("embeddings", "kernel", "bias")
+          if hasattr(layer, name)]
+
+
 def two_shards():
   return tf.distribute.experimental.partitioners.FixedShardsPartitioner(2)
 
