@@ -16,6 +16,7 @@ from gba_tf import cluster
 from gba_tf import health
 from gba_tf import loopback
 from gba_tf import staleness
+from gba_tf import stall
 from gba_tf import switching
 from gba_tf.config import GBAConfig
 from gba_tf.staleness import StalenessPolicy

@@ -54,6 +54,7 @@ import tensorflow as tf
 
 from gba_tf import counters as counters_lib
 from gba_tf import staleness as staleness_lib
+from gba_tf import stall as stall_lib
 from gba_tf import tokens as tokens_lib
 
 # Global steps open at once: the one being applied (or still assembled) and
@@ -212,6 +213,13 @@ class GradientAggregator:
       # also read, lock-free, by every worker's token read.
       self._lock = tf.CriticalSection(name="gba_schedule_lock")
     self._hold_micros = None
+    # Recovery from pushes that die half-way (`gba_tf.stall`): seconds
+    # without progress before the chief acts (None: never), and between its
+    # reads of the schedule.
+    self.stall_seconds = stall_lib.DEFAULT_STALL_SECONDS
+    self.poll_seconds = stall_lib.DEFAULT_POLL_SECONDS
+    self._watchdog = None
+    self._recovery_parts = None
     # Tickets of the first two global steps (no device scope: an eager
     # queue op runs where the queue lives).
     self._tickets.enqueue_many(tf.range(_OPEN_STEPS * m, dtype=tf.int64))
@@ -356,6 +364,27 @@ class GradientAggregator:
                 lambda: self._land(parity, tf.cast(accepted, tf.int64))),
             exclusive_resource_access=False)
 
+    # What a dead push's claimed apply needs, for the stall watchdog: the
+    # slots and optimizers, not this trace's gradients.
+    self._recovery_parts = (
+        [[(slot, None, var) for slot, _, var in part] for part in staged],
+        [OptimizerStep([], step.apply_fn) for step in steps])
+    self._start_watchdog()
+
+    with tf.device(self._device):
+      applied_any = claim
+      claim = self._apply_chain(staged, steps, claim, next_step)
+      with tf.control_dependencies([claim]):
+        return tf.identity(applied_any)
+
+  def _apply_chain(self, staged, steps, claim, step):
+    """Applies `step` if `claim`, then each following step that completed.
+
+    The loop runs on the first PS task; each iteration applies one global
+    step on every shard and finishes it in the scalar critical section.
+    """
+    m = self.num_aggregate
+
     def apply_and_continue(unused_claim, step):
       applied = self._apply(staged, steps, step)
       with tf.control_dependencies(_per_device_barriers(applied)):
@@ -370,11 +399,56 @@ class GradientAggregator:
         return tf.identity(more), tf.identity(following)
 
     with tf.device(self._device):
-      applied_any = claim
       claim, _ = tf.while_loop(lambda c, unused_step: c, apply_and_continue,
-                               (claim, next_step), parallel_iterations=1)
-      with tf.control_dependencies([claim]):
-        return tf.identity(applied_any)
+                               (claim, step), parallel_iterations=1)
+    return claim
+
+  def _start_watchdog(self) -> None:
+    if self._watchdog is None and self.stall_seconds is not None:
+      self._watchdog = stall_lib.StallWatchdog(
+          self, self.stall_seconds, self.poll_seconds)
+      self._watchdog.start()
+
+  def stop_watchdog(self) -> None:
+    """Ends the stall watchdog thread (it also ends with the aggregator)."""
+    if self._watchdog is not None:
+      self._watchdog.stop()
+
+  def progress(self) -> Tuple[Tuple[int, int], int, int, int]:
+    """(landed per parity, next step to apply, apply claimed, tickets left).
+
+    Two eager reads on the first PS task, from the coordinator. Eager ops,
+    not a `tf.function`: registering a function with a remote context from
+    the watchdog's thread can deadlock against the coordinator's own calls.
+    """
+    values = [int(v) for v in self._schedule.numpy()]
+    size = int(self._tickets.size().numpy())
+    return (tuple(values[:_OPEN_STEPS]), values[_NEXT], values[_BUSY], size)
+
+  def recover(self, action: stall_lib.StallAction, observed) -> bool:
+    """Carries out a `StallAction` if the state is still `observed`.
+
+    Returns whether it acted. Called by the stall watchdog on the
+    coordinator, never while the pushes it replaces could still run.
+    """
+    if self.progress() != observed:
+      return False
+    m = self.num_aggregate
+    if action.finish_apply:
+      if self._recovery_parts is None:
+        raise RuntimeError("no push has been traced; nothing to apply")
+      staged, steps = self._recovery_parts
+
+      @tf.function
+      def finish(step):
+        return self._apply_chain(staged, steps, tf.constant(True), step)
+
+      with self._extended._container_strategy().scope():  # pylint: disable=protected-access
+        finish(tf.constant(observed[1], tf.int64))
+    tickets = [step * m + i for step, n in action.reissue for i in range(n)]
+    if tickets:
+      self._tickets.enqueue_many(tf.constant(tickets, tf.int64))
+    return True
 
   def _land(self, parity, landed):
     """Counts a landing; claims the next step if it is complete and free."""

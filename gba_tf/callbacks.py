@@ -7,7 +7,7 @@ import tensorflow as tf
 # Counters reported as scalars; lists (histogram, per worker) go to
 # TensorBoard only, where they have a natural form.
 _SCALAR_KEYS = ("pushed", "applied", "decayed", "dropped", "nonfinite",
-                "pending", "global_steps", "accumulator_bytes")
+                "pending", "lost", "global_steps", "accumulator_bytes")
 
 
 class GBAMetrics(tf.keras.callbacks.Callback):

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 
 from gba_tf import loopback
+from gba_tf import stall
 
 # Tasks address each other on loopback, and `LocalCluster` children only
 # listen there (gba_tf.loopback): these clusters are for one machine.
@@ -315,6 +316,8 @@ class LocalCluster:
     return _resolver(self.spec, task_type="chief", task_id=0)
 
   def stop(self) -> None:
+    # A GBA stall watchdog polling these servers would outlive them.
+    stall.stop_all()
     terminate(self.processes.values())
     for f in self._logs:
       f.close()

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 # pylint: disable=g-direct-tensorflow-import,unused-import
 from tensorflow.python.distribute import distribute_lib
+from tensorflow.python.eager import context as _context
 from tensorflow.python.distribute import parameter_server_strategy_v2
 from tensorflow.python.distribute.coordinator import cluster_coordinator as _cluster_coordinator
 from tensorflow.python.checkpoint import checkpoint_management as _checkpoint_management
@@ -286,3 +287,13 @@ def update_checkpoint_state(directory: str, latest: str,
   _checkpoint_management.update_checkpoint_state_internal(
       save_dir=directory, model_checkpoint_path=latest,
       all_model_checkpoint_paths=list(kept), save_relative_paths=True)
+
+
+def current_server_def() -> Any:
+  """The eager context's cluster definition (a new object on every connect).
+
+  A thread that issues remote ops must stop once this changes: TF 2.21
+  segfaults on a remote op whose handles belong to a cluster the context
+  has left.
+  """
+  return _context.context()._server_def  # pylint: disable=protected-access

@@ -10,7 +10,9 @@ worker's last token): two ops, not a dozen, and no lock. Each op holds the
 variable's mutex for its read-modify-write, so concurrent pushes never lose a
 count. `applied`, `pending` and `global_steps` are derived from the accepted
 count and the global step (`applied = M * global_steps`), so the apply path
-updates no counter at all.
+updates no counter at all; `pending` is the aggregator's own count of
+landings, so the conservation pushed = applied + dropped + pending + lost is
+measured, not derived.
 
 Thread-safety: updates are atomic ops; reads from the coordinator (`as_dict`)
 are a consistent snapshot only between steps.
@@ -44,8 +46,12 @@ class GBACounters:
     dropped: gradients staler than `max_staleness` or not finite.
     nonfinite: dropped gradients that held a NaN or Inf (a subset of
       `dropped`): rejected before they reach the accumulator.
-    pending: accepted gradients not yet applied (< 2M: the step being
-      assembled, and the next one while the first is applied).
+    pending: accepted gradients landed in the accumulator and not yet
+      applied (< 2M: the step being assembled, and the next one while the
+      first is applied), read from the aggregator's landing counts.
+    lost: accepted gradients that never landed: their push died half-way
+      (a worker killed mid-push; `gba_tf.stall`). pushed = applied +
+      dropped + pending + lost.
     global_steps: optimizer steps applied by GBA.
     staleness_histogram: pushed gradients per tau (last bucket: tau >= 32).
     worker_pushed / worker_dropped: per worker index.
@@ -108,14 +114,19 @@ class GBACounters:
                                                  tf.reshape(token, [1])),
     ]
 
-  def as_dict(self) -> Dict[str, Union[int, float, List]]:
-    """A snapshot as Python numbers and lists (call eagerly, between steps)."""
+  def as_dict(self, pending: int) -> Dict[str, Union[int, float, List]]:
+    """A snapshot as Python numbers and lists (call eagerly, between steps).
+
+    Args:
+      pending: accepted landings not yet applied (from the aggregator).
+    """
     counts = self.counts.numpy()
     out = {name: int(counts[i]) for i, name in enumerate(_SCALARS)}
     steps = int(self._global_step.numpy())
     out["global_steps"] = steps
     out["applied"] = steps * self._num_aggregate
-    out["pending"] = out["accepted"] - out["applied"]
+    out["pending"] = pending
+    out["lost"] = out["accepted"] - out["applied"] - pending
     out["staleness_histogram"] = counts[
         _HISTOGRAM:_HISTOGRAM + HISTOGRAM_SIZE].tolist()
     n = self.num_workers

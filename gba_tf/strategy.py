@@ -149,6 +149,11 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
       applied on each shard's own PS task, in parallel across shards
       (`gba_tf.accumulator`, docs/design.md section 3). The cost against
       plain ParameterServerStrategy is measured in README "Results".
+    * A worker killed in the middle of a push leaves the schedule waiting
+      for a landing or an apply that will never come; after
+      `aggregator.stall_seconds` (30 s) without progress the chief re-issues
+      the dead push's ticket or runs its apply (`gba_tf.stall`), and counts
+      its gradient in `gba_metrics()["lost"]` if it had been counted.
     * Every optimizer called in a local step (e.g. Adagrad for embeddings
       and Adam for the dense tower) joins the same push and applies once
       per global step; a variable updated by two optimizer calls in one
@@ -187,7 +192,8 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
     Also `accumulator_bytes`: the size of the gradient accumulation buffers
     on the parameter servers (fixed once every variable has a gradient).
     """
-    metrics = self.extended.counters.as_dict()
+    landed, _, _, _ = self.extended.aggregator.progress()
+    metrics = self.extended.counters.as_dict(pending=sum(landed))
     metrics["accumulator_bytes"] = self.extended.aggregator.buffer_bytes
     return metrics
 

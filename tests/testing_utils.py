@@ -41,7 +41,13 @@ _KEEP_ALIVE = []
 
 
 def keep_alive(*objects) -> None:
-  """Never garbage-collect `objects` (remote handles of a stopped cluster)."""
+  """Never garbage-collect `objects` (remote handles of a stopped cluster).
+
+  A strategy's stall watchdog is stopped: it would poll the stopped cluster.
+  """
+  for obj in objects:
+    if isinstance(obj, gba_tf.GBAStrategy):
+      obj.extended.aggregator.stop_watchdog()
   _KEEP_ALIVE.append(objects)
 
 
@@ -52,8 +58,10 @@ def collect_before_switching_cluster() -> None:
   away from the shared one; a variable of the shared cluster destroyed
   after that (e.g. a Keras model in a reference cycle, freed by a later
   garbage collection) segfaults TF 2.21 the same way. Call right before
-  connecting elsewhere.
+  connecting elsewhere. GBA stall watchdogs (threads that poll the current
+  cluster) are stopped first: one polling across the switch segfaults too.
   """
+  gba_tf.stall.stop_all()
   gc.collect()
 
 
