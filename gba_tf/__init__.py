@@ -12,6 +12,7 @@ _os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import callbacks
 from gba_tf import checkpoints
+from gba_tf import export
 from gba_tf import cluster
 from gba_tf import health
 from gba_tf import loopback

@@ -43,7 +43,7 @@ def define_flags() -> None:
                        "Optimizer steps (global batches) to train.")
   flags.DEFINE_integer(
       "steps_per_loop", 20,
-      "Optimizer steps per Keras epoch: the progress-log and backup "
+      "Optimizer steps per Keras epoch: the progress-log and checkpoint "
       "interval.")
   flags.DEFINE_enum("optimizer", "adagrad", ("adagrad", "adam", "sgd"),
                     "Optimizer (tf_keras, new API).")
@@ -74,9 +74,16 @@ def define_flags() -> None:
       "Held-out examples scored at the end of every loop (the AUC curve in "
       "result.json); 0 for none. Time spent there is not training time.")
   flags.DEFINE_bool(
-      "backup", True,
+      "checkpoint_every_loop", True,
       "Checkpoint into <model_dir>/ckpt every loop, so that rerunning a "
       "preempted command resumes from the last loop.")
+  # The old name read like the unrelated backup-workers preset.
+  flags.DEFINE_alias("backup", "checkpoint_every_loop")
+  flags.DEFINE_string(
+      "export_dir", None,
+      "After training, the chief writes a SavedModel with a serving_default "
+      "signature here (gba_tf.export), loadable by plain TensorFlow and TF "
+      "Serving; must be new or empty. Default: no export.")
   # GBA staleness policy (see gba_tf.config.GBAConfig).
   flags.DEFINE_integer("staleness_threshold", None,
                        "Gradients this stale or fresher count fully.")
@@ -158,7 +165,10 @@ def gba_config_from_flags(num_workers=None) -> config_lib.GBAConfig:
     return config_lib.GBAConfig.preset(
         preset, local_batch_size=FLAGS.local_batch_size,
         global_batch_size=global_batch, num_workers=workers,
-        max_staleness=FLAGS.max_staleness or 4)
+        # `or 4` would turn --max_staleness=0 (drop every stale gradient)
+        # into 4.
+        max_staleness=(4 if FLAGS.max_staleness is None
+                       else FLAGS.max_staleness))
   overrides = {
       name: FLAGS[name].value
       for name in ("staleness_threshold", "decay", "decay_rate",

@@ -21,10 +21,13 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 from typing import Any, Dict, Optional
+
+from absl import logging
 
 import numpy as np
 import tensorflow as tf
@@ -34,6 +37,7 @@ from gba_tf import checkpoints
 from gba_tf import compat
 from gba_tf import cluster as cluster_lib
 from gba_tf import config as config_lib
+from gba_tf import export as export_lib
 from gba_tf import flags as gba_flags
 from gba_tf import health
 from gba_tf import models
@@ -79,7 +83,8 @@ class JobConfig:
   train_examples: int
   test_examples: int
   eval_examples: int
-  backup: bool
+  checkpoint_every_loop: bool
+  export_dir: Optional[str]
   seed: int
   step_ms: float
   slow_worker: int
@@ -102,7 +107,7 @@ class JobConfig:
     return self.global_batch_size // self.local_batch_size
 
   @property
-  def ps_aggregate(self) -> int:
+  def num_aggregate(self) -> int:
     """Local steps per optimizer step of this PS mode (async: 1)."""
     return 1 if self.mode == "async" else self.gba.num_aggregate
 
@@ -134,6 +139,9 @@ def config_from_flags(task: cluster_lib.TaskConfig,
   if f.step_ms < 0:
     raise ValueError(f"Received: --step_ms={f.step_ms}, which must be >= 0.")
   slow_worker, slowdown = gba_flags.parse_straggler(f.straggler)
+  if f["backup"].present:
+    logging.warning("--backup is deprecated; it is an alias of "
+                    "--checkpoint_every_loop.")
   workers = f.workers
   if task.task_type is not None:
     in_cluster = task.num_workers + (
@@ -166,6 +174,11 @@ def config_from_flags(task: cluster_lib.TaskConfig,
     raise ValueError(
         f"Received: global_batch_size={global_batch}, which is not a "
         f"multiple of the {workers} sync workers.")
+  if (f.export_dir and tf.io.gfile.exists(f.export_dir)
+      and tf.io.gfile.listdir(f.export_dir)):
+    # Checked before training, so that the export cannot fail at the end.
+    raise ValueError(f"Received: --export_dir={f.export_dir}, which is not "
+                     "empty.")
   model_dir = f.model_dir or tempfile.mkdtemp(prefix="gba_train_")
   return JobConfig(
       mode=mode, auto=f.mode == "auto", model_dir=model_dir,
@@ -175,7 +188,9 @@ def config_from_flags(task: cluster_lib.TaskConfig,
       optimizer=f.optimizer, learning_rate=f.learning_rate, model=f.model,
       dataset=f.dataset, embedding_dim=f.embedding_dim,
       train_examples=f.train_examples, test_examples=f.test_examples,
-      eval_examples=f.eval_examples, backup=f.backup, seed=f.seed, step_ms=f.step_ms, slow_worker=slow_worker,
+      eval_examples=f.eval_examples,
+      checkpoint_every_loop=f.checkpoint_every_loop,
+      export_dir=f.export_dir, seed=f.seed, step_ms=f.step_ms, slow_worker=slow_worker,
       slowdown=slowdown, straggler_until=f.straggler_until,
       straggler_stop_file=f.straggler_stop_file,
       straggler_period=f.straggler_period,
@@ -404,7 +419,7 @@ class Job:
     if sync:
       batch, per_step, total = c.global_batch_size, 1, c.train_steps
     else:
-      batch, per_step = c.local_batch_size, c.ps_aggregate
+      batch, per_step = c.local_batch_size, c.num_aggregate
       total = c.train_steps * c.local_steps_per_step
     done = restored * per_step
     steps_per_epoch = c.steps_per_loop * (1 if sync else
@@ -427,14 +442,15 @@ class Job:
       health_cb = self._health_callback(
           strategy, sync, 1 if sync else c.local_steps_per_step)
       callbacks = []
-      if c.backup:
+      if c.checkpoint_every_loop:
         # Every loop lands in ckpt/: rerunning a preempted command, or the
         # launcher's restart after a PS failure, resumes from the last one.
         callbacks.append(checkpoints.SaveEveryLoop(manager, optimizer))
       callbacks.append(_StopAfterBatches(remaining, steps_per_epoch))
       if health_cb is not None:
         callbacks.append(health_cb)
-      if self.task.is_chief and hasattr(strategy, "gba_metrics"):
+      if (self.task.is_chief
+          and isinstance(strategy, strategy_lib.GBAStrategy)):
         # Counters in every loop's log line: pending gradients and the
         # accumulators' size are what the soak watches stay bounded.
         callbacks.append(gba_callbacks.GBAMetrics(strategy))
@@ -476,7 +492,23 @@ class Job:
       # each at least once), whether its gradient was applied or dropped.
       self._write_result(step, total * batch,
                          curve.points if curve is not None else [])
+    if c.export_dir:
+      self._export(model, sync)
     return 0
+
+  def _export(self, model, sync: bool) -> None:
+    c = self.config
+    if self.task.is_chief:
+      export_lib.export_saved_model(model, c.export_dir)
+      _log(f"[job] exported a SavedModel to {c.export_dir}")
+    elif sync:
+      # MultiWorkerMirroredStrategy: every worker takes part in the save;
+      # only the chief's copy is kept.
+      scratch = tempfile.mkdtemp(prefix="gba_export_")
+      try:
+        export_lib.export_saved_model(model, os.path.join(scratch, "model"))
+      finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
   def _health_callback(self, strategy, sync: bool, local_per_step: int):
     c = self.config
@@ -486,7 +518,7 @@ class Job:
       source = None
       initial = health.HealthState.HEALTHY
     else:
-      if not hasattr(strategy, "gba_metrics"):
+      if not isinstance(strategy, strategy_lib.GBAStrategy):
         return None  # plain PSS (async) keeps no per-worker counters
       source = health.GBALatencySource(
           strategy.gba_metrics, time.monotonic,
@@ -510,8 +542,8 @@ class Job:
     # phase executed (a sync step is one global batch; a plain PS step one
     # local batch) or, under GBA, the local gradients the PS counted as
     # pushed (applied, dropped or still pending).
-    gba = (strategy.gba_metrics()
-           if not sync and hasattr(strategy, "gba_metrics") else None)
+    is_gba = isinstance(strategy, strategy_lib.GBAStrategy)
+    gba = strategy.gba_metrics() if is_gba and not sync else None
     if gba is not None:
       samples = gba["pushed"] * c.local_batch_size
     else:

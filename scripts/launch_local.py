@@ -27,15 +27,30 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gba_tf import cluster as cluster_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf import job as job_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import launcher as launcher_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
 
+def _check_job_flags(launcher, model_dir: str) -> None:
+  """Resolves the job config of every mode this job can run, as its tasks
+  will (`gba_tf.job.config_from_flags`), before any task starts: a bad flag
+  is one line from the launcher, not one per task after their start-up."""
+  FLAGS.model_dir = model_dir
+  modes = ("sync", "gba") if FLAGS.mode == "auto" else (FLAGS.mode,)
+  for mode in modes:
+    spec = launcher._spec_for(mode)  # pylint: disable=protected-access
+    chief = "worker" if mode == "sync" else "chief"
+    job_lib.config_from_flags(cluster_lib.TaskConfig(spec, chief, 0), mode)
+
+
 def main(argv):
   del argv
   start = time.time()
+  model_dir = None
   try:
     gba_flags.parse_straggler(FLAGS.straggler)
     if FLAGS.straggler_seconds < 0:
@@ -49,8 +64,14 @@ def main(argv):
         workers=FLAGS.workers, ps=FLAGS.ps, mode=FLAGS.mode,
         model_dir=model_dir, straggler_until=until,
         restart_tasks=FLAGS.restart_tasks)
+    _check_job_flags(launcher, model_dir)
   except ValueError as e:
     print(f"launch_local.py: error: {e}", file=sys.stderr)
+    if model_dir is not None:
+      os.makedirs(model_dir, exist_ok=True)
+      with open(os.path.join(model_dir, "launch.json"), "w") as f:
+        json.dump({"exit_code": 2, "seconds": time.time() - start,
+                   "phases": [], "error": str(e)}, f, indent=2)
     return 2
   code = launcher.run()
   seconds = time.time() - start

@@ -71,7 +71,8 @@ def main(argv):
          f"--straggler_period={FLAGS.straggler_period}",
          "--train_steps=100000000", "--steps_per_loop=200",
          "--eval_examples=0", f"--model_dir={model_dir}",
-         "--backup" if FLAGS.backup else "--nobackup"]
+         "--checkpoint_every_loop" if FLAGS.backup
+         else "--nocheckpoint_every_loop"]
   print("soak:", " ".join(cmd[1:]), flush=True)
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True,

@@ -75,6 +75,24 @@ class JobConfigFromFlagsTest(parameterized.TestCase):
     self.assertEqual(sync.global_batch_size, 512)
 
 
+  def test_max_staleness_zero_is_kept_for_bounded_staleness(self):
+    # --max_staleness=0 drops every stale gradient; it used to become the
+    # preset's default 4 (`FLAGS.max_staleness or 4`).
+    zero = self._config("--preset=bounded_staleness", "--max_staleness=0")
+    self.assertEqual(zero.gba.max_staleness, 0)
+    self.assertEqual(zero.gba.name, "bounded_staleness")
+    default = self._config("--preset=bounded_staleness")
+    self.assertEqual(default.gba.max_staleness, 4)
+
+  def test_checkpoint_every_loop_and_its_deprecated_alias(self):
+    self.assertTrue(self._config().checkpoint_every_loop)
+    self.assertFalse(
+        self._config("--nocheckpoint_every_loop").checkpoint_every_loop)
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertFalse(self._config("--nobackup").checkpoint_every_loop)
+    self.assertIn("--backup is deprecated", "\n".join(logs.output))
+
+
 class TrainBinaryErrorTest(tf.test.TestCase):
 
   def test_one_line_error_and_exit_code_2(self):

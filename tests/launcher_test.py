@@ -9,11 +9,12 @@ import os
 import subprocess
 import types
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import export_test
 from tests import testing_utils
-
 
 
 def _launch(test, model_dir, *args, timeout=300):
@@ -33,8 +34,9 @@ class LaunchLocalTest(tf.test.TestCase):
     results = {}
     for mode in ("sync", "gba"):
       model_dir = testing_utils.temp_dir(self, f"gba_{mode}_")
+      export_dir = os.path.join(model_dir, "export")
       proc = _launch(self, model_dir, f"--mode={mode}", "--train_steps=40",
-                     "--step_ms=5")
+                     "--step_ms=5", f"--export_dir={export_dir}")
       self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
       # Logs come back prefixed with the task that wrote them.
       chief = "worker:0" if mode == "sync" else "chief:0"
@@ -43,6 +45,12 @@ class LaunchLocalTest(tf.test.TestCase):
       self.assertEqual(config["gba"]["global_batch_size"], 512)
       results[mode] = _read(model_dir, "result.json")
       self.assertEqual(_read(model_dir, "launch.json")["exit_code"], 0)
+      # The chief exported the trained model; TF alone serves it.
+      self.assertIn(f"[{chief}] [job] exported a SavedModel", proc.stdout)
+      logits = export_test.serve_in_fresh_process(self, export_dir)
+      self.assertEqual(logits.shape, (4, 1))
+      self.assertTrue(np.isfinite(logits).all())
+      self.assertGreater(np.ptp(logits), 0.0)
     # Same flagfile, same optimization: 40 steps of 512 samples each.
     for mode in ("sync", "gba"):
       self.assertEqual(results[mode]["optimizer_steps"], 40)
@@ -84,8 +92,9 @@ class LaunchLocalTest(tf.test.TestCase):
     self.assertEqual(phases[0]["optimizer_steps"] +
                      phases[1]["optimizer_steps"], switches[1]["global_step"])
     gba = phases[1]["gba"]
-    self.assertEqual(gba["pushed"],
-                     gba["applied"] + gba["dropped"] + gba["pending"])
+    self.assertEqual(gba["pushed"], gba["applied"] + gba["dropped"]
+                     + gba["pending"] + gba["lost"])
+    self.assertEqual(gba["lost"], 0)
     result = _read(model_dir, "result.json")
     self.assertEqual((result["mode"], result["optimizer_steps"]),
                      ("sync", 400))
@@ -104,15 +113,31 @@ class LaunchLocalTest(tf.test.TestCase):
         "phases"]], ["sync"])
     self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"], 100)
 
+  def test_bad_flag_is_refused_before_any_task_starts(self):
+    model_dir = testing_utils.temp_dir(self, "gba_fail_")
+    # The launcher resolves the job config as its tasks would, and refuses
+    # it in one line before starting any process.
+    proc = _launch(self, model_dir, "--mode=auto", "--straggler=5:4")
+    self.assertEqual(proc.returncode, 2, proc.stdout[-3000:])
+    self.assertIn("launch_local.py: error: Received: --straggler=5:4, but "
+                  "there are only 2 workers", proc.stdout)
+    self.assertNotIn("[worker:0]", proc.stdout)
+    self.assertFalse(os.path.exists(os.path.join(model_dir, "tasks.json")))
+    launch = _read(model_dir, "launch.json")
+    self.assertEqual((launch["exit_code"], launch["phases"]), (2, []))
+
   def test_failing_job_returns_the_chief_code_and_leaves_no_process(self):
     model_dir = testing_utils.temp_dir(self, "gba_fail_")
-    # Every task rejects the flags; the launcher must still reap them all.
-    proc = _launch(self, model_dir, "--mode=gba", "--straggler=5:4")
-    self.assertEqual(proc.returncode, 2, proc.stdout[-3000:])
-    self.assertIn("--straggler=5:4, but there are only 2 workers",
-                  proc.stdout)
+    # Valid flags, but the chief fails at start-up (a file where the model
+    # directory's checkpoint folder must go); the launcher must still reap
+    # every task and return the chief's code.
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "ckpt"), "w") as f:
+      f.write("not a directory")
+    proc = _launch(self, model_dir, "--mode=gba")
+    self.assertNotEqual(proc.returncode, 0, proc.stdout[-3000:])
     launch = _read(model_dir, "launch.json")
-    self.assertEqual(launch["exit_code"], 2)
+    self.assertEqual(launch["exit_code"], proc.returncode)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True,
                         text=True, check=True).stdout
     self.assertNotIn(f"--model_dir={model_dir}", ps)
