@@ -26,6 +26,14 @@ setuptools.setup(
         # The benchmark's PNG plots (AUC curves, throughput bars).
         "matplotlib",
     ],
+    # `gba-launch` starts every task as `python -m gba_tf.bin.train`, so an
+    # installed wheel runs a local job from any directory.
+    entry_points={
+        "console_scripts": [
+            "gba-train=gba_tf.bin.train:main",
+            "gba-launch=gba_tf.bin.launch_local:run",
+        ],
+    },
     extras_require={
         # pyyaml: the Kubeflow manifest tests parse YAML.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6"],

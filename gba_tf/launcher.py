@@ -1,8 +1,8 @@
 """Runs a whole training job on this machine: one process per task.
 
-`LocalLauncher` is what `scripts/launch_local.py` runs and what Kubernetes
+`LocalLauncher` is what `gba-launch` (`gba_tf/bin/launch_local.py`) runs and what Kubernetes
 (a TFJob) does in a real cluster: give every task its own TF_CONFIG on
-loopback ports, start `scripts/train.py` in each, prefix and forward their
+loopback ports, start `python -m gba_tf.bin.train` in each, prefix and forward their
 logs, and stop them all when the job ends or fails. In `--mode=auto` it also
 performs the restarts that a switch asks for: when the chief exits with
 `switching.EXIT_SWITCH`, it starts the next phase in the mode that
@@ -36,9 +36,12 @@ from gba_tf import cluster as cluster_lib
 from gba_tf import loopback
 from gba_tf import switching
 
-_TRAIN_SCRIPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-    "train.py")
+# Every task runs the training entry point as a module of the same gba_tf
+# as this launcher: an installed wheel has no scripts/ directory to run.
+_TRAIN_MODULE = "gba_tf.bin.train"
+# The directory that holds this launcher's gba_tf package, put first on the
+# tasks' PYTHONPATH so that they import the same code from any directory.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # After the chief exits, the other sync workers finish their last step and
 # exit on their own; past this they are presumed stuck in a collective.
 _PEER_EXIT_GRACE_S = 30.0
@@ -69,7 +72,7 @@ class LocalLauncher:
   """Launches, watches and restarts the tasks of one job. Not thread-safe.
 
   Args:
-    train_args: arguments for every task's `scripts/train.py` (flagfile and
+    train_args: arguments for every task's `gba-train` (flagfile and
       overrides; `--mode` and `--model_dir` are appended).
     workers: worker tasks.
     ps: parameter server tasks (gba and async phases).
@@ -78,7 +81,8 @@ class LocalLauncher:
     straggler_until: Unix time passed to every task; 0 = never recover.
     out: where the prefixed task logs go.
     env: extra environment variables for the tasks.
-    script: the training binary every task runs.
+    script: a training script every task runs by path, instead of the
+      `gba_tf.bin.train` module (None, the default).
     restart_tasks: in gba / async phases, restart a worker or PS server that
       dies (a PS restart makes the chief resume from the last checkpoint);
       False leaves dead workers down.
@@ -88,7 +92,7 @@ class LocalLauncher:
                mode: str, model_dir: str, straggler_until: float = 0.0,
                out: TextIO = sys.stdout,
                env: Optional[Dict[str, str]] = None,
-               script: str = _TRAIN_SCRIPT, restart_tasks: bool = True):
+               script: Optional[str] = None, restart_tasks: bool = True):
     if workers < 1:
       raise ValueError(f"Received: workers={workers}, which must be >= 1.")
     if mode in ("gba", "async", "auto") and ps < 1:
@@ -134,7 +138,11 @@ class LocalLauncher:
     name = f"{job}:{index}"
     env = cluster_lib.task_environment(self._spec, job, index, self.env)
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen([sys.executable, self.script] + self._args,
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    entry = ([self.script] if self.script
+             else ["-m", _TRAIN_MODULE])
+    proc = subprocess.Popen([sys.executable] + entry + self._args,
                             env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     self._procs[name] = proc

@@ -1,97 +1,14 @@
-"""Runs a training job on this machine, one process per task, and waits.
+"""Source-checkout wrapper of `gba-launch` (`gba_tf/bin/launch_local.py`).
 
-Every task runs `scripts/train.py` with its own TF_CONFIG on loopback ports
-and the same flags as this command; logs come back prefixed with the task
-(`[worker:1] ...`); every child is stopped when the job ends, fails or this
-launcher is interrupted. The exit code is the chief's.
-
-  python scripts/launch_local.py --flagfile=configs/local_gba.cfg
-  python scripts/launch_local.py --flagfile=configs/local_gba.cfg --mode=sync
-  # Worker 1 at 1/4 speed for the first 40 s; auto switches sync -> gba ->
-  # sync:
-  python scripts/launch_local.py --flagfile=configs/local_gba.cfg \\
-      --mode=auto --straggler=1:4 --straggler_seconds=40
-
-Writes `<model_dir>/launch.json`: the phases with their modes, exit codes
-and wall-clock seconds.
+  python scripts/launch_local.py --flagfile=configs/local_gba.cfg --mode=gba
 """
 
-import json
 import os
 import sys
-import tempfile
-import time
-
-from absl import app
-from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gba_tf import cluster as cluster_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from gba_tf import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from gba_tf import job as job_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from gba_tf import launcher as launcher_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-FLAGS = flags.FLAGS
-
-
-def _check_job_flags(launcher, model_dir: str) -> None:
-  """Resolves the job config of every mode this job can run, as its tasks
-  will (`gba_tf.job.config_from_flags`), before any task starts: a bad flag
-  is one line from the launcher, not one per task after their start-up."""
-  FLAGS.model_dir = model_dir
-  modes = ("sync", "gba") if FLAGS.mode == "auto" else (FLAGS.mode,)
-  for mode in modes:
-    spec = launcher._spec_for(mode)  # pylint: disable=protected-access
-    chief = "worker" if mode == "sync" else "chief"
-    job_lib.config_from_flags(cluster_lib.TaskConfig(spec, chief, 0), mode)
-
-
-def main(argv):
-  del argv
-  start = time.time()
-  model_dir = None
-  try:
-    gba_flags.parse_straggler(FLAGS.straggler)
-    if FLAGS.straggler_seconds < 0:
-      raise ValueError(f"Received: --straggler_seconds="
-                       f"{FLAGS.straggler_seconds}, which must be >= 0.")
-    model_dir = FLAGS.model_dir or tempfile.mkdtemp(prefix="gba_job_")
-    until = start + FLAGS.straggler_seconds if FLAGS.straggler_seconds else 0
-    # Every task gets this command's own arguments (flagfile, overrides).
-    launcher = launcher_lib.LocalLauncher(
-        [a for a in sys.argv[1:] if "restart_tasks" not in a],
-        workers=FLAGS.workers, ps=FLAGS.ps, mode=FLAGS.mode,
-        model_dir=model_dir, straggler_until=until,
-        restart_tasks=FLAGS.restart_tasks)
-    _check_job_flags(launcher, model_dir)
-  except ValueError as e:
-    print(f"launch_local.py: error: {e}", file=sys.stderr)
-    if model_dir is not None:
-      os.makedirs(model_dir, exist_ok=True)
-      with open(os.path.join(model_dir, "launch.json"), "w") as f:
-        json.dump({"exit_code": 2, "seconds": time.time() - start,
-                   "phases": [], "error": str(e)}, f, indent=2)
-    return 2
-  code = launcher.run()
-  seconds = time.time() - start
-  with open(os.path.join(model_dir, "launch.json"), "w") as f:
-    json.dump({"exit_code": code, "seconds": seconds,
-               "phases": [vars(p) for p in launcher.phases]}, f, indent=2)
-  print(f"[launcher] job ended with code {code} after {seconds:.1f} s; "
-        f"model_dir={model_dir}", flush=True)
-  return code
-
-
-def define_flags():
-  gba_flags.define_flags()
-  flags.DEFINE_bool(
-      "restart_tasks", True,
-      "In gba / async phases, restart a worker or PS that dies, as "
-      "Kubernetes would; a lost PS makes the chief resume from the last "
-      "checkpoint. --norestart_tasks leaves dead workers down.")
-
+from gba_tf.bin import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  launch_local.run()

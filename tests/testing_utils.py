@@ -128,14 +128,20 @@ class LaunchedJob:
     test: the test case; `stop` runs at its cleanup.
     model_dir: the job's model directory.
     *args: flags after `--flagfile=configs/local_gba.cfg --model_dir=...`.
+    command: the launcher command (default `python scripts/launch_local.py`).
+    cwd, env: of the launcher (default the repository root, this env).
   """
 
-  def __init__(self, test, model_dir: str, *args: str):
+  def __init__(self, test, model_dir: str, *args: str, command=None,
+               cwd: str = ROOT, env=None):
     self.model_dir = model_dir
+    command = command or [sys.executable,
+                          os.path.join(ROOT, "scripts", "launch_local.py")]
     self.proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "scripts", "launch_local.py"),
-         f"--flagfile={FLAGFILE}", f"--model_dir={model_dir}", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        list(command) + [f"--flagfile={FLAGFILE}", f"--model_dir={model_dir}",
+                         *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
     self.lines = []
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()

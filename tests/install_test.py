@@ -1,0 +1,64 @@
+"""A non-editable install runs a local GBA job from any directory.
+
+The wheel is built from this checkout and installed (`pip install --target`,
+no dependencies: they are this environment's) into a directory outside the
+source tree; the job runs through the `gba-launch` console script from a
+directory with no `gba_tf` or `scripts/` in it, and every task must import
+the installed copy.
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+from tests import testing_utils
+
+_TINY = ["--mode=gba", "--workers=2", "--ps=1", "--local_batch_size=32",
+         "--train_steps=6", "--steps_per_loop=3", "--train_examples=2000",
+         "--test_examples=500", "--eval_examples=0"]
+
+
+@pytest.mark.cluster
+class InstalledWheelTest(tf.test.TestCase):
+
+  def test_gba_launch_from_an_installed_wheel(self):
+    tmp = testing_utils.temp_dir(self, "gba_wheel_")
+    dist, site, work = (os.path.join(tmp, d) for d in ("dist", "site", "work"))
+    os.makedirs(work)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet",
+                    "--no-deps", "--no-build-isolation", "-w", dist,
+                    testing_utils.ROOT], check=True, cwd=tmp,
+                   capture_output=True)
+    wheels = glob.glob(os.path.join(dist, "gba_tf-*.whl"))
+    self.assertLen(wheels, 1)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                    "--no-deps", "--target", site, wheels[0]], check=True,
+                   cwd=tmp, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=site)
+    where = subprocess.run(
+        [sys.executable, "-c",
+         "import os, gba_tf; print(os.path.dirname(gba_tf.__file__))"],
+        cwd=work, env=env, capture_output=True, text=True, check=True)
+    self.assertEqual(where.stdout.split()[-1], os.path.join(site, "gba_tf"))
+
+    model_dir = os.path.join(tmp, "job")
+    job = testing_utils.LaunchedJob(
+        self, model_dir, *_TINY, command=[os.path.join(site, "bin",
+                                                       "gba-launch")],
+        cwd=work, env=env)
+    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    result = testing_utils.read_job_file(model_dir, "result.json")
+    self.assertEqual(result["optimizer_steps"], 6)
+    launch = testing_utils.read_job_file(model_dir, "launch.json")
+    self.assertEqual(launch["gba_tf"], os.path.join(site, "gba_tf"))
+    # The tasks ran the installed module, not a script of this checkout.
+    self.assertIn("[chief:0] [job] mode=gba", job.output)
+    self.assertNotIn("scripts/train.py", job.output)
+
+
+if __name__ == "__main__":
+  tf.test.main()
