@@ -15,6 +15,7 @@ import pytest
 import gba_tf
 import tensorflow as tf
 
+from tests import sockets
 from tests import testing_utils
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ class LocalClusterTest(tf.test.TestCase):
       for address in cluster.spec["worker"] + cluster.spec["ps"]:
         self.assertTrue(address.startswith("127.0.0.1:"))
         # The servers listen on loopback only, not on every interface.
-        self.assertEqual(gba_tf.loopback.listening_addresses(
+        self.assertEqual(sockets.listening_addresses(
             int(address.rsplit(":", 1)[1])), ["127.0.0.1"])
       cluster.kill_task("worker", 0)
       self.assertIsNotNone(cluster.processes["worker:0"].poll())

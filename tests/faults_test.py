@@ -14,6 +14,7 @@ import pytest
 import gba_tf
 import tensorflow as tf
 
+from tests import sockets
 from tests import testing_utils
 
 # Every run: 240 optimizer steps of 2 local steps, 20 ms each, in loops of
@@ -51,7 +52,7 @@ class FaultsTest(tf.test.TestCase):
     # Every task's gRPC server listens on loopback only.
     with open(os.path.join(model_dir, "tasks.json")) as f:
       for name, pid in json.load(f).items():
-        sockets = gba_tf.loopback.listening_sockets_of(pid)
+        sockets = sockets.listening_sockets_of(pid)
         self.assertNotEmpty(sockets, name)
         self.assertEqual({a for a, _ in sockets}, {"127.0.0.1"}, name)
     job.kill("worker:1")
