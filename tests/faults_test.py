@@ -52,9 +52,9 @@ class FaultsTest(tf.test.TestCase):
     # Every task's gRPC server listens on loopback only.
     with open(os.path.join(model_dir, "tasks.json")) as f:
       for name, pid in json.load(f).items():
-        sockets = sockets.listening_sockets_of(pid)
-        self.assertNotEmpty(sockets, name)
-        self.assertEqual({a for a, _ in sockets}, {"127.0.0.1"}, name)
+        listening = sockets.listening_sockets_of(pid)
+        self.assertNotEmpty(listening, name)
+        self.assertEqual({a for a, _ in listening}, {"127.0.0.1"}, name)
     job.kill("worker:1")
     self.assertEqual(job.finish(), 0, job.output[-3000:])
     self.assertIn("[launcher] worker:1 exited with code -9; restarting it",
