@@ -232,6 +232,30 @@ class InProcessCluster:
     return _resolver(self.spec)
 
 
+# A LocalCluster task exits when the process that started it dies, however it
+# dies (a segfault or SIGKILL skips `atexit`): it reads its parent's PID here.
+_PARENT_PID_ENV = "GBA_LOCAL_CLUSTER_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+  """Asks Linux to SIGKILL this process when the parent named in the
+  environment exits (prctl PR_SET_PDEATHSIG), then closes the race of a
+  parent that died before the request. Set in the child, not with
+  `preexec_fn`, which is unsafe in a parent running TF's threads."""
+  parent = os.environ.get(_PARENT_PID_ENV)
+  if not parent:
+    return
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+  except (OSError, AttributeError):
+    return  # not Linux: atexit in the parent still stops the children.
+  if os.getppid() != int(parent):
+    os._exit(0)  # pylint: disable=protected-access
+
+
 def _child_command(task_type: str, task_index: int) -> List[str]:
   return [sys.executable, "-m", "gba_tf.cluster", task_type, str(task_index)]
 
@@ -240,7 +264,8 @@ class LocalCluster:
   """One process per worker / PS task on loopback; the caller coordinates.
 
   Use as a context manager, or call `stop()`; children are also killed at
-  interpreter exit.
+  interpreter exit, and (Linux) when this process dies any other way: a
+  segfault or SIGKILL of a test process leaves no server behind.
 
   Args:
     num_workers: worker tasks.
@@ -273,6 +298,7 @@ class LocalCluster:
   def start_task(self, task_type: str, task_index: int) -> subprocess.Popen:
     """(Re)starts one task's server process."""
     env = task_environment(self.spec, task_type, task_index, self._env)
+    env[_PARENT_PID_ENV] = str(os.getpid())
     if self._log_dir:
       os.makedirs(self._log_dir, exist_ok=True)
       out = open(os.path.join(self._log_dir,
@@ -379,4 +405,5 @@ def run_server(task_type: str, task_index: int) -> None:
 
 
 if __name__ == "__main__":
+  _die_with_parent()
   run_server(sys.argv[1], int(sys.argv[2]))

@@ -7,8 +7,10 @@ first connected to), and asserts on what the job wrote.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -64,6 +66,45 @@ class LocalClusterTest(tf.test.TestCase):
       cluster.kill_task("worker", 0)
       self.assertIsNotNone(cluster.processes["worker:0"].poll())
     self.assertTrue(all(p.poll() is not None for p in procs))
+
+  def test_local_cluster_servers_die_with_a_killed_parent(self):
+    # A test process that segfaults or is SIGKILLed runs no atexit; its
+    # LocalCluster's servers must still go (they used to stay, holding
+    # ports and memory, until someone killed them by hand).
+    code = ("import os, signal, sys\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "import gba_tf\n"
+            "cluster = gba_tf.cluster.LocalCluster(num_workers=1, num_ps=1)\n"
+            "print(' '.join(str(p.pid) for p in cluster.processes.values()),"
+            " flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, testing_utils.ROOT],
+                          capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr[-2000:])
+    pids = [int(p) for p in proc.stdout.split()]
+    self.assertLen(pids, 2)
+
+    def alive():
+      # A server SIGKILLed by the kernel is a zombie of init until reaped.
+      left = []
+      for pid in pids:
+        try:
+          with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(")")[-1].split()[0] != "Z":
+              left.append(pid)
+        except OSError:
+          pass
+      return left
+
+    def kill_leftovers():
+      for pid in alive():
+        os.kill(pid, signal.SIGKILL)
+
+    self.addCleanup(kill_leftovers)
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:
+      time.sleep(0.2)
+    self.assertEqual(alive(), [])
 
 
 if __name__ == "__main__":
