@@ -8,11 +8,10 @@ Every per-push count is one slot of a single int64 vector, `counts`, so that
 counting a push is one `scatter_nd_add` (plus one `scatter_nd_update` for the
 worker's last token): two ops, not a dozen, and no lock. Each op holds the
 variable's mutex for its read-modify-write, so concurrent pushes never lose a
-count. `applied`, `pending` and `global_steps` are derived from the accepted
-count and the global step (`applied = M * global_steps`), so the apply path
-updates no counter at all; `pending` is the aggregator's own count of
-landings, so the conservation pushed = applied + dropped + pending + lost is
-measured, not derived.
+count. `applied` and `global_steps` are derived from the global step
+(`applied = M * global_steps`), so the apply path updates no counter at all;
+`pending` is the aggregator's own count of landings, so the conservation
+pushed = applied + dropped + pending + lost is measured, not derived.
 
 Thread-safety: updates are atomic ops; reads from the coordinator (`as_dict`)
 are a consistent snapshot only between steps.

@@ -48,6 +48,16 @@ def serving_signature(model: tf.keras.Model):
   return serve
 
 
+def check_export_dir(export_dir: str) -> None:
+  """Raises ValueError unless `export_dir` is new or empty (one version per
+  directory, as TF Serving expects); `--export_dir` is checked before
+  training with it, so that the export cannot fail at the end."""
+  if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir):
+    raise ValueError(
+        f"Received: export_dir={export_dir!r}, which is not empty; TF "
+        "Serving expects one version per directory.")
+
+
 def export_saved_model(model: tf.keras.Model, export_dir: str) -> str:
   """Writes `model` as a SavedModel with a `serving_default` signature.
 
@@ -62,10 +72,7 @@ def export_saved_model(model: tf.keras.Model, export_dir: str) -> str:
   Returns:
     `export_dir`.
   """
-  if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir):
-    raise ValueError(
-        f"Received: export_dir={export_dir!r}, which is not empty; TF "
-        "Serving expects one version per directory.")
+  check_export_dir(export_dir)
   signature = serving_signature(model)
   tf.saved_model.save(model, export_dir,
                       signatures={SIGNATURE_KEY: signature})

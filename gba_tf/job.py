@@ -174,11 +174,8 @@ def config_from_flags(task: cluster_lib.TaskConfig,
     raise ValueError(
         f"Received: global_batch_size={global_batch}, which is not a "
         f"multiple of the {workers} sync workers.")
-  if (f.export_dir and tf.io.gfile.exists(f.export_dir)
-      and tf.io.gfile.listdir(f.export_dir)):
-    # Checked before training, so that the export cannot fail at the end.
-    raise ValueError(f"Received: --export_dir={f.export_dir}, which is not "
-                     "empty.")
+  if f.export_dir:
+    export_lib.check_export_dir(f.export_dir)
   model_dir = f.model_dir or tempfile.mkdtemp(prefix="gba_train_")
   return JobConfig(
       mode=mode, auto=f.mode == "auto", model_dir=model_dir,
@@ -190,8 +187,8 @@ def config_from_flags(task: cluster_lib.TaskConfig,
       train_examples=f.train_examples, test_examples=f.test_examples,
       eval_examples=f.eval_examples,
       checkpoint_every_loop=f.checkpoint_every_loop,
-      export_dir=f.export_dir, seed=f.seed, step_ms=f.step_ms, slow_worker=slow_worker,
-      slowdown=slowdown, straggler_until=f.straggler_until,
+      export_dir=f.export_dir, seed=f.seed, step_ms=f.step_ms,
+      slow_worker=slow_worker, slowdown=slowdown, straggler_until=f.straggler_until,
       straggler_stop_file=f.straggler_stop_file,
       straggler_period=f.straggler_period,
       inject_nonfinite_worker=f.inject_nonfinite_worker,

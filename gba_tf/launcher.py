@@ -1,12 +1,13 @@
 """Runs a whole training job on this machine: one process per task.
 
-`LocalLauncher` is what `gba-launch` (`gba_tf/bin/launch_local.py`) runs and what Kubernetes
-(a TFJob) does in a real cluster: give every task its own TF_CONFIG on
-loopback ports, start `python -m gba_tf.bin.train` in each, prefix and forward their
-logs, and stop them all when the job ends or fails. In `--mode=auto` it also
-performs the restarts that a switch asks for: when the chief exits with
-`switching.EXIT_SWITCH`, it starts the next phase in the mode that
-`switching.current_mode` reads from the model directory.
+`LocalLauncher` is what `gba-launch` (`gba_tf/bin/launch_local.py`) runs
+and what Kubernetes (a TFJob) does in a real cluster: give every task its
+own TF_CONFIG on loopback ports, start `python -m gba_tf.bin.train` in each,
+prefix and forward their logs, and stop them all when the job ends or
+fails. In `--mode=auto` it also performs the restarts that a switch asks
+for: when the chief exits with `switching.EXIT_SWITCH`, it starts the next
+phase in the mode that `switching.current_mode` reads from the model
+directory.
 
 Topologies per mode (N = --workers, P = --ps):
 
@@ -119,7 +120,8 @@ class LocalLauncher:
 
   # -- one phase ------------------------------------------------------------
 
-  def _spec_for(self, mode: str) -> Dict[str, List[str]]:
+  def spec_for(self, mode: str) -> Dict[str, List[str]]:
+    """The cluster spec of a `mode` phase, on free loopback ports."""
     if mode == "sync":
       return cluster_lib.make_cluster_spec(self.workers, 0)
     return cluster_lib.make_cluster_spec(self.workers, self.ps, num_chief=1)
@@ -160,7 +162,7 @@ class LocalLauncher:
     os.replace(path + ".tmp", path)
 
   def _start(self, mode: str) -> str:
-    self._spec = self._spec_for(mode)
+    self._spec = self.spec_for(mode)
     self._args = self.train_args + [f"--mode={self.mode}",
                                     f"--model_dir={self.model_dir}"]
     if self.straggler_until:

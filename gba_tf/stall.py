@@ -43,9 +43,6 @@ from absl import logging
 
 from gba_tf import compat
 
-# Open global steps, as in `gba_tf.accumulator` (one buffer parity each).
-_OPEN_STEPS = 2
-
 # Without progress for this long while the picture says stalled, the pushes
 # it waits for are taken as dead. A push holds a ticket for milliseconds;
 # an apply (one optimizer step on every shard) for far less than this on
@@ -77,8 +74,8 @@ def stall_action(landed: Sequence[int], next_step: int, busy: int,
   """The recovery for a scheduling state that has stopped changing.
 
   Args:
-    landed: accepted landings per buffer parity (`landed[s % 2]` is step
-      s's count).
+    landed: accepted landings per buffer parity, one per open step
+      (`landed[s % len(landed)]` is step s's count).
     next_step: the next global step to apply.
     busy: 1 if a push claimed the apply of `next_step`.
     queue_size: tickets left in the queue.
@@ -96,8 +93,8 @@ def stall_action(landed: Sequence[int], next_step: int, busy: int,
     # apply's refill would have queued follow once it is done.
     return StallAction(finish_apply=True)
   reissue = []
-  for step in (next_step, next_step + 1):
-    missing = num_aggregate - int(landed[step % _OPEN_STEPS])
+  for step in range(next_step, next_step + len(landed)):
+    missing = num_aggregate - int(landed[step % len(landed)])
     if missing > 0:
       reissue.append((step, missing))
   if not reissue:
@@ -136,8 +133,9 @@ class StallWatchdog:
 
   def stop(self, timeout: float = 10.0) -> None:
     self._stop.set()
-    if self._thread.is_alive() and self._thread is not threading.current_thread():
-      self._thread.join(timeout)
+    thread = self._thread
+    if thread.is_alive() and thread is not threading.current_thread():
+      thread.join(timeout)
 
   def _run(self) -> None:
     try:
@@ -152,41 +150,44 @@ class StallWatchdog:
       if (aggregator is None
           or compat.current_server_def() is not self._server_def):
         return
-      try:
-        state = aggregator.progress()
-      except Exception as e:  # pylint: disable=broad-except
-        # The cluster may be going away (end of a phase, a lost PS that the
-        # chief is about to report); try again later.
-        logging.log_every_n_seconds(
-            logging.INFO, "[gba] stall watchdog could not read the schedule: "
-            "%s", 60, e)
-        last = None
-        continue
-      now = time.monotonic()
-      if state != last:
-        last, since = state, now
-        continue
-      if now - since < self._stall_seconds:
-        continue
-      landed, next_step, busy, queue_size = state
-      action = stall_action(landed, next_step, busy, queue_size,
-                            aggregator.num_aggregate)
-      if action is None:
-        continue
-      logging.warning(
-          "[gba] no push has landed for %.0f s at global step %d with the "
-          "ticket queue empty (landed %s, apply claimed: %s): a push died "
-          "half-way; %s.", now - since, next_step, list(landed), bool(busy),
-          "finishing its apply" if action.finish_apply else
-          "re-issuing tickets " + ", ".join(
-              f"{n} of step {s}" for s, n in action.reissue))
-      try:
-        aggregator.recover(action, state)
-        self.recoveries += 1
-      except Exception as e:  # pylint: disable=broad-except
-        logging.error("[gba] stall recovery failed: %s", e)
-      last, since = None, time.monotonic()
+      last, since = self._check(aggregator, last, since)
+      # No strong reference across the wait: the aggregator may go.
       del aggregator
+
+  def _check(self, aggregator, last, since):
+    """One poll: the (state, since when) to remember, after any action."""
+    try:
+      state = aggregator.progress()
+    except Exception as e:  # pylint: disable=broad-except
+      # The cluster may be going away (end of a phase, a lost PS that the
+      # chief is about to report); try again later.
+      logging.log_every_n_seconds(
+          logging.INFO, "[gba] stall watchdog could not read the schedule: "
+          "%s", 60, e)
+      return None, time.monotonic()
+    now = time.monotonic()
+    if state != last:
+      return state, now
+    if now - since < self._stall_seconds:
+      return last, since
+    landed, next_step, busy, queue_size = state
+    action = stall_action(landed, next_step, busy, queue_size,
+                          aggregator.num_aggregate)
+    if action is None:
+      return last, since
+    logging.warning(
+        "[gba] no push has landed for %.0f s at global step %d with the "
+        "ticket queue empty (landed %s, apply claimed: %s): a push died "
+        "half-way; %s.", now - since, next_step, list(landed), bool(busy),
+        "finishing its apply" if action.finish_apply else
+        "re-issuing tickets " + ", ".join(
+            f"{n} of step {s}" for s, n in action.reissue))
+    try:
+      aggregator.recover(action, state)
+      self.recoveries += 1
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("[gba] stall recovery failed: %s", e)
+    return None, time.monotonic()
 
 
 # Watchdogs whose thread runs; stopped at exit so that no thread is inside a

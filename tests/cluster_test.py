@@ -85,16 +85,8 @@ class LocalClusterTest(tf.test.TestCase):
     self.assertLen(pids, 2)
 
     def alive():
-      # A server SIGKILLed by the kernel is a zombie of init until reaped.
-      left = []
-      for pid in pids:
-        try:
-          with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(")")[-1].split()[0] != "Z":
-              left.append(pid)
-        except OSError:
-          pass
-      return left
+      return [pid for pid in pids
+              if testing_utils.is_live_process(pid, "gba_tf.cluster")]
 
     def kill_leftovers():
       for pid in alive():

@@ -6,6 +6,7 @@ or an apply claimed and never finished. (A SIGKILLed worker leaves the same
 state at random; `tests/faults_test.py` kills real worker processes.)
 """
 
+import gc
 import time
 
 import numpy as np
@@ -51,6 +52,33 @@ class StallActionTest(tf.test.TestCase):
     # Cannot stand while pushes run (the last landing claims); nothing to
     # re-issue.
     self.assertIsNone(stall.stall_action((2, 2), 3, 0, 0, num_aggregate=2))
+
+
+class _ProgressOnly:
+  """Stands in for a GradientAggregator: a schedule that never stalls."""
+
+  num_aggregate = 2
+
+  def progress(self):
+    return (0, 0), 0, 0, 4  # tickets left: nothing to recover
+
+
+class StallWatchdogTest(tf.test.TestCase):
+
+  def test_thread_ends_with_its_aggregator(self):
+    # The watchdog holds its aggregator weakly; it must not keep it alive
+    # between polls, or a strategy's watchdog would poll forever.
+    aggregator = _ProgressOnly()
+    watchdog = stall.StallWatchdog(aggregator, stall_seconds=1.0,
+                                   poll_seconds=0.01)
+    watchdog.start()
+    self.addCleanup(watchdog.stop)
+    time.sleep(0.1)
+    self.assertTrue(watchdog._thread.is_alive())
+    del aggregator
+    gc.collect()
+    watchdog._thread.join(5)
+    self.assertFalse(watchdog._thread.is_alive())
 
 
 # Gradients of the six local steps; loss <g, w>, so each push's gradient is

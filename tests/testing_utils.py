@@ -100,11 +100,10 @@ def temp_dir(test, prefix: str) -> str:
   return path
 
 
-def _is_live_task_of(pid: int, model_dir: str) -> bool:
-  """Whether `pid` is a live (not zombie) process training into `model_dir`.
-
-  Guards against PID reuse: a task's command line names its model dir.
-  """
+def is_live_process(pid: int, named: str) -> bool:
+  """Whether `pid` is a live (not zombie) process whose command line holds
+  `named` (a task's model dir, a server's module): guards against PID reuse.
+  A process killed after its parent died stays a zombie until reaped."""
   try:
     with open(f"/proc/{pid}/stat") as f:
       state = f.read().rsplit(")", 1)[1].split()[0]
@@ -112,7 +111,7 @@ def _is_live_task_of(pid: int, model_dir: str) -> bool:
       cmdline = f.read().decode(errors="replace")
   except OSError:
     return False
-  return state != "Z" and model_dir in cmdline
+  return state != "Z" and named in cmdline
 
 
 class LaunchedJob:
@@ -196,11 +195,11 @@ class LaunchedJob:
         self.proc.kill()
         self.proc.wait()
     for pid in set(tasks.values()) | set(self.task_pids().values()):
-      if _is_live_task_of(pid, self.model_dir):
+      if is_live_process(pid, self.model_dir):
         os.kill(pid, signal.SIGKILL)
     self._reader.join(timeout=5)
 
   def live_tasks(self):
     """Tasks listed in tasks.json whose process still runs."""
     return {name: pid for name, pid in self.task_pids().items()
-            if _is_live_task_of(pid, self.model_dir)}
+            if is_live_process(pid, self.model_dir)}

@@ -1,9 +1,8 @@
 """Runs a training job on this machine, one process per task, and waits.
 
 Every task runs `python -m gba_tf.bin.train` (the same gba_tf as this
-launcher) with its own TF_CONFIG on loopback ports
-and the same flags as this command; logs come back prefixed with the task
-(`[worker:1] ...`); every child is stopped when the job ends, fails or this
+launcher) with its own TF_CONFIG on loopback ports and the same flags as
+this command; logs come back prefixed with the task (`[worker:1] ...`); every child is stopped when the job ends, fails or this
 launcher is interrupted. The exit code is the chief's.
 
   gba-launch --flagfile=configs/local_gba.cfg
@@ -41,10 +40,11 @@ def _check_job_flags(launcher, model_dir: str) -> None:
   """Resolves the job config of every mode this job can run, as its tasks
   will (`gba_tf.job.config_from_flags`), before any task starts: a bad flag
   is one line from the launcher, not one per task after their start-up."""
+  # The tasks get --model_dir; resolving without it would make a temp dir.
   FLAGS.model_dir = model_dir
   modes = ("sync", "gba") if FLAGS.mode == "auto" else (FLAGS.mode,)
   for mode in modes:
-    spec = launcher._spec_for(mode)  # pylint: disable=protected-access
+    spec = launcher.spec_for(mode)
     chief = "worker" if mode == "sync" else "chief"
     job_lib.config_from_flags(cluster_lib.TaskConfig(spec, chief, 0), mode)
 
