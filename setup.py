@@ -9,8 +9,8 @@ setuptools.setup(
                  "asynchronous distributed training without re-tuning "
                  "(GBA, arXiv 2205.11048)."),
     packages=setuptools.find_packages(include=["gba_tf", "gba_tf.*"]),
-    # Compiled on first use by gba_tf/loopback.py.
-    package_data={"gba_tf": ["loopback.c"]},
+    # Compiled on first use by gba_tf/launch/loopback.py.
+    package_data={"gba_tf.launch": ["loopback.c"]},
     python_requires=">=3.10",
     install_requires=[
         # tensorflow-recommenders depends on the full `tensorflow` wheel, so
@@ -32,6 +32,7 @@ setuptools.setup(
         "console_scripts": [
             "gba-train=gba_tf.bin.train:main",
             "gba-launch=gba_tf.bin.launch_local:run",
+            "gba-benchmark=gba_tf.bin.benchmark:run",
         ],
     },
     extras_require={

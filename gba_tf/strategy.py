@@ -105,20 +105,21 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
   server.join()
   ```
 
-  `gba_tf.cluster.LocalCluster` starts such a cluster on loopback ports.
+  `gba_tf.launch.local_cluster.LocalCluster` starts such a cluster on
+  loopback ports.
 
   Sync fallback and switching: with a healthy cluster, the same model and
   `GBAConfig` train under `tf.distribute.MultiWorkerMirroredStrategy` with
   per-replica batch `global_batch_size / num_workers` and the same learning
   rate, schedule and number of optimizer steps. Checkpoints of model and
   optimizer (`gba_tf.checkpoints`) load exactly in both directions, slots of
-  sharded embeddings included. `scripts/train.py --mode=auto` starts in sync,
-  moves to GBA when `gba_tf.health.HealthMonitor` sees stragglers for a
+  sharded embeddings included. `gba-train --mode=auto` starts in sync,
+  moves to GBA when `gba_tf.switching.HealthMonitor` sees stragglers for a
   window of checks, and back when the cluster is healthy again
-  (`gba_tf.switching`; `scripts/launch_local.py` restarts the tasks):
+  (`gba_tf.switching`; `gba-launch` restarts the tasks):
 
   ```sh
-  python scripts/launch_local.py --flagfile=configs/local_gba.cfg \
+  gba-launch --flagfile=configs/local_gba.cfg \
       --mode=auto --straggler=1:4 --straggler_seconds=30
   ```
 

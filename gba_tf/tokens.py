@@ -35,6 +35,22 @@ import tensorflow as tf
 from gba_tf import compat
 
 
+def current_worker_index():
+  """The worker running the current closure (int64 tensor), or None.
+
+  `ClusterCoordinator` binds it when the closure is dispatched, so the same
+  traced function reports the right worker on every worker. None outside a
+  function or a coordinator's closure (eager code, MultiWorkerMirrored).
+  """
+  if not compat.inside_function():
+    return None
+  try:
+    index = tf.distribute.coordinator.experimental_get_current_worker_index()
+  except (RuntimeError, ValueError):
+    return None
+  return tf.cast(index, tf.int64)
+
+
 class TokenService:
   """Owns the global step; issues tokens inside scheduled functions."""
 
@@ -56,15 +72,6 @@ class TokenService:
 
   @staticmethod
   def worker_index():
-    """The worker running the current closure, or 0 outside a coordinator.
-
-    `ClusterCoordinator` binds it when the closure is dispatched, so the same
-    traced function reports the right worker on every worker.
-    """
-    if not compat.inside_function():
-      return tf.constant(0, tf.int64)
-    try:
-      index = tf.distribute.coordinator.experimental_get_current_worker_index()
-    except RuntimeError:
-      return tf.constant(0, tf.int64)
-    return tf.cast(index, tf.int64)
+    """The worker running the current closure, or 0 outside a coordinator."""
+    index = current_worker_index()
+    return tf.constant(0, tf.int64) if index is None else index

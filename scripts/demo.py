@@ -23,9 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gba_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from gba_tf import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import job_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -55,7 +58,7 @@ def _copy_to_local(model, data):
 
 def main(argv):
   del argv
-  config = gba_flags.gba_config_from_flags()
+  config = job_config.gba_config_from_flags()
   slow_worker, slowdown = gba_flags.parse_straggler(FLAGS.straggler)
   data = synthetic.SyntheticCTR()
   train_ids, train_labels = data.sample(
@@ -66,7 +69,7 @@ def main(argv):
         f"M = {config.num_aggregate} local batches of "
         f"{config.local_batch_size} per optimizer step.", flush=True)
 
-  with gba_tf.cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
+  with local_cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
     strategy = gba_tf.GBAStrategy(
         cluster.resolver(), config,
         tf.distribute.experimental.partitioners.FixedShardsPartitioner(
@@ -128,7 +131,7 @@ def main(argv):
   with open(FLAGS.out, "w") as f:
     json.dump(summary, f, indent=2)
   print(f"wrote {FLAGS.out}")
-  gba_tf.cluster.exit_now(0)
+  tasks.exit_now(0)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ import gba_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from gba_tf import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import job_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -40,10 +43,10 @@ def define_flags():
 
 def main(argv):
   del argv
-  config = gba_flags.gba_config_from_flags()
+  config = job_config.gba_config_from_flags()
   data = synthetic.SyntheticCTR()
   ids, labels = data.sample(65_536)
-  with gba_tf.cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
+  with local_cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
     strategy = gba_tf.GBAStrategy(
         cluster.resolver(), config,
         tf.distribute.experimental.partitioners.FixedShardsPartitioner(
@@ -76,7 +79,7 @@ def main(argv):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(report, f, indent=2)
-  gba_tf.cluster.exit_now(0)
+  tasks.exit_now(0)
 
 
 if __name__ == "__main__":

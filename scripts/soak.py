@@ -32,7 +32,7 @@ from absl import flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
-from gba_tf import cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -109,7 +109,7 @@ def main(argv):
     except (OSError, ValueError):
       continue
     row = {"minutes": (time.monotonic() - start) / 60.0}
-    row.update({name: cluster.resident_mib(pid)
+    row.update({name: local_cluster.resident_mib(pid)
                 for name, pid in tasks.items()})
     samples.append(row)
     loops = epochs[-1][1] if epochs else 0

@@ -26,9 +26,12 @@ import gba_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from gba_tf import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import job_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -107,11 +110,11 @@ def run_once(mode, cluster, data, ids, labels, config):
 
 def main(argv):
   del argv
-  config = gba_flags.gba_config_from_flags()
+  config = job_config.gba_config_from_flags()
   data = synthetic.SyntheticCTR()
   ids, labels = data.sample(65_536)
   rows = []
-  with gba_tf.cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
+  with local_cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
     for repeat in range(FLAGS.repeats):
       for mode in FLAGS.modes:
         row = run_once(mode, cluster, data, ids, labels, config)
@@ -159,7 +162,7 @@ def main(argv):
                "global_batch_size": config.global_batch_size, "summary": summary,
                "runs": rows}, f, indent=2)
   print(f"wrote {FLAGS.out}")
-  gba_tf.cluster.exit_now(0)
+  tasks.exit_now(0)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import numpy as np
 import tensorflow as tf
 
 import gba_tf
-from gba_tf import cluster
-from gba_tf import flags as gba_flags
-from gba_tf import health
-from gba_tf import job
+from gba_tf import switching
 from gba_tf.data import movielens
 from gba_tf.data import synthetic
+from gba_tf.launch import flags as gba_flags
+from gba_tf.launch import job_config
+from gba_tf.launch import tasks
 from tests import testing_utils
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,8 +45,8 @@ def _job_config(*argv, mode="gba", spec=None):
   FLAGS.unparse_flags()
   try:
     FLAGS(["train.py"] + list(argv))
-    return job.config_from_flags(
-        cluster.TaskConfig(spec or _GBA, "chief", 0), mode)
+    return job_config.config_from_flags(
+        tasks.TaskConfig(spec or _GBA, "chief", 0), mode)
   finally:
     FLAGS.unparse_flags()
 
@@ -94,43 +94,43 @@ _CASES = [
     ("unknown_preset",
      lambda: gba_tf.GBAConfig.preset("hogwild", local_batch_size=8),
      "preset='hogwild'"),
-    ("health_window", lambda: health.HealthMonitor(2, window=0), "window=0"),
+    ("health_window", lambda: switching.HealthMonitor(2, window=0), "window=0"),
     # TF_CONFIG.
     ("tf_config_malformed",
-     lambda: cluster.parse_tf_config('{"cluster": ', "gba"),
+     lambda: tasks.parse_tf_config('{"cluster": ', "gba"),
      "not valid JSON"),
     ("tf_config_no_ps",
-     lambda: cluster.parse_tf_config(
+     lambda: tasks.parse_tf_config(
          _tf_config({"chief": ["h:1"], "worker": ["h:2"]}, "chief"), "gba"),
      "no 'ps' tasks; --mode=gba needs at least one"),
     ("tf_config_unknown_task",
-     lambda: cluster.parse_tf_config(_tf_config(_GBA, "evaluator"), "gba"),
+     lambda: tasks.parse_tf_config(_tf_config(_GBA, "evaluator"), "gba"),
      "task type 'evaluator'"),
     ("tf_config_index_out_of_range",
-     lambda: cluster.parse_tf_config(_tf_config(_GBA, "worker", 5), "gba"),
+     lambda: tasks.parse_tf_config(_tf_config(_GBA, "worker", 5), "gba"),
      "task index 5 for 'worker', but the cluster has 2"),
     ("tf_config_not_an_object",
-     lambda: cluster.parse_tf_config("[1, 2]", "gba"),
+     lambda: tasks.parse_tf_config("[1, 2]", "gba"),
      "without a 'cluster' object"),
-    ("tf_config_unset_in_gba", lambda: cluster.parse_tf_config("", "gba"),
+    ("tf_config_unset_in_gba", lambda: tasks.parse_tf_config("", "gba"),
      "TF_CONFIG unset; --mode=gba"),
     ("tf_config_no_chief_in_async",
-     lambda: cluster.parse_tf_config(
+     lambda: tasks.parse_tf_config(
          _tf_config({"worker": ["h:2"], "ps": ["h:3"]}), "async"),
      "0 'chief' tasks; --mode=async"),
     ("tf_config_ps_in_sync",
-     lambda: cluster.parse_tf_config(
+     lambda: tasks.parse_tf_config(
          _tf_config({"worker": ["h:2"], "ps": ["h:3"]}), "sync"),
      "1 'ps' task(s); --mode=sync"),
     ("tf_config_unknown_job",
-     lambda: cluster.parse_tf_config(
+     lambda: tasks.parse_tf_config(
          _tf_config({"trainer": ["h:1"]}, "trainer"), "sync"),
      "cluster job 'trainer'"),
     ("tf_config_negative_index",
-     lambda: cluster.parse_tf_config(_tf_config(_GBA, "worker", -1), "gba"),
+     lambda: tasks.parse_tf_config(_tf_config(_GBA, "worker", -1), "gba"),
      "task index -1"),
     ("tf_config_bad_address",
-     lambda: cluster.parse_tf_config(_tf_config({"worker": ["localhost"]}),
+     lambda: tasks.parse_tf_config(_tf_config({"worker": ["localhost"]}),
                                      "sync"),
      "cluster['worker']=['localhost']"),
     # Flags and flagfiles.

@@ -19,6 +19,7 @@ import tensorflow as tf
 import gba_tf
 from gba_tf import models
 from gba_tf import checkpoints
+from gba_tf.launch import local_cluster
 from tests import testing_utils
 
 _VOCAB, _FIELDS = 64, 4
@@ -213,7 +214,7 @@ class CheckpointManagerTest(tf.test.TestCase):
     # does not). The same measure over eager saves is the control: it must
     # see their leak, or the bound proves nothing.
     testing_utils.collect_before_switching_cluster()
-    with gba_tf.cluster.LocalCluster(num_workers=1, num_ps=2) as cluster:
+    with local_cluster.LocalCluster(num_workers=1, num_ps=2) as cluster:
       strategy = gba_tf.GBAStrategy(
           cluster.resolver(),
           gba_tf.GBAConfig(global_batch_size=32, local_batch_size=16))
@@ -236,7 +237,7 @@ class CheckpointManagerTest(tf.test.TestCase):
         samples = []
         for step in range(first + warmup, first + warmup + count + 1):
           save(step)
-          samples.append([gba_tf.cluster.resident_mib(pid) for pid in pids])
+          samples.append([local_cluster.resident_mib(pid) for pid in pids])
         return np.median(np.diff(np.asarray(samples), axis=0), axis=0)
 
       traced = growth_per_save(manager.save, 0, 15, 30)

@@ -15,6 +15,7 @@ import time
 import pytest
 
 import gba_tf
+from gba_tf.launch import local_cluster
 import tensorflow as tf
 
 from tests import sockets
@@ -54,7 +55,7 @@ class LocalClusterTest(tf.test.TestCase):
 
   def test_local_cluster_processes_are_cleaned_up(self):
     testing_utils.collect_before_switching_cluster()
-    with gba_tf.cluster.LocalCluster(num_workers=1, num_ps=1) as cluster:
+    with local_cluster.LocalCluster(num_workers=1, num_ps=1) as cluster:
       procs = list(cluster.processes.values())
       self.assertLen(procs, 2)
       self.assertTrue(all(p.poll() is None for p in procs))
@@ -73,8 +74,8 @@ class LocalClusterTest(tf.test.TestCase):
     # ports and memory, until someone killed them by hand).
     code = ("import os, signal, sys\n"
             "sys.path.insert(0, sys.argv[1])\n"
-            "import gba_tf\n"
-            "cluster = gba_tf.cluster.LocalCluster(num_workers=1, num_ps=1)\n"
+            "from gba_tf.launch import local_cluster\n"
+            "cluster = local_cluster.LocalCluster(num_workers=1, num_ps=1)\n"
             "print(' '.join(str(p.pid) for p in cluster.processes.values()),"
             " flush=True)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -86,7 +87,7 @@ class LocalClusterTest(tf.test.TestCase):
 
     def alive():
       return [pid for pid in pids
-              if testing_utils.is_live_process(pid, "gba_tf.cluster")]
+              if testing_utils.is_live_process(pid, "gba_tf.launch.local_cluster")]
 
     def kill_leftovers():
       for pid in alive():

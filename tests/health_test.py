@@ -7,17 +7,16 @@ import tempfile
 from absl.testing import parameterized
 import tensorflow as tf
 
-from gba_tf import health
 from gba_tf import switching
 
-HEALTHY = health.HealthState.HEALTHY
-STRAGGLING = health.HealthState.STRAGGLING
+HEALTHY = switching.HealthState.HEALTHY
+STRAGGLING = switching.HealthState.STRAGGLING
 
 
 class HealthMonitorTest(parameterized.TestCase):
 
   def test_ratios_are_leave_one_out(self):
-    monitor = health.HealthMonitor(num_workers=4)
+    monitor = switching.HealthMonitor(num_workers=4)
     # Worker 1: 0.20 / median(0.05, 0.05, 0.10) = 0.20 / 0.05 = 4.0.
     # Worker 2: 0.10 / median(0.05, 0.20, 0.05) = 2.0.
     # Worker 0: 0.05 / median(0.20, 0.10, 0.05) = 0.5.
@@ -25,11 +24,11 @@ class HealthMonitorTest(parameterized.TestCase):
                      (0.5, 4.0, 2.0, 0.5))
     # With two workers the slow one is compared with the fast one:
     # 0.08 / 0.02 = 4 (a mean-based median would give 0.08 / 0.05 = 1.6).
-    self.assertEqual(health.HealthMonitor(2).ratios([0.02, 0.08]),
+    self.assertEqual(switching.HealthMonitor(2).ratios([0.02, 0.08]),
                      (0.25, 4.0))
 
   def test_straggler_needs_window_consecutive_checks(self):
-    monitor = health.HealthMonitor(num_workers=2, window=3)
+    monitor = switching.HealthMonitor(num_workers=2, window=3)
     slow, fast = [0.02, 0.08], [0.02, 0.021]
     self.assertEqual(monitor.observe(slow).state, HEALTHY)
     self.assertEqual(monitor.observe(slow).state, HEALTHY)
@@ -43,7 +42,7 @@ class HealthMonitorTest(parameterized.TestCase):
     self.assertIn("worker 1 at 4.0x", reports[-1].describe())
 
   def test_recovery_uses_the_lower_ratio(self):
-    monitor = health.HealthMonitor(num_workers=2, window=2, slow_ratio=2.0,
+    monitor = switching.HealthMonitor(num_workers=2, window=2, slow_ratio=2.0,
                                    recover_ratio=1.5,
                                    initial_state=STRAGGLING)
     # 1.8x is below slow_ratio but above recover_ratio: not recovered.
@@ -55,7 +54,7 @@ class HealthMonitorTest(parameterized.TestCase):
 
   def test_small_absolute_gaps_are_noise(self):
     # 3x slower but only 2 ms apart: below min_gap_s = 10 ms.
-    monitor = health.HealthMonitor(num_workers=2, window=1)
+    monitor = switching.HealthMonitor(num_workers=2, window=1)
     self.assertEqual(monitor.observe([0.001, 0.003]).slow_workers, ())
     self.assertEqual(monitor.observe([0.001, 0.013]).slow_workers, (1,))
 
@@ -69,10 +68,10 @@ class HealthMonitorTest(parameterized.TestCase):
   )
   def test_bad_arguments(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):
-      health.HealthMonitor(**kwargs)
+      switching.HealthMonitor(**kwargs)
 
   def test_bad_latencies(self):
-    monitor = health.HealthMonitor(num_workers=2)
+    monitor = switching.HealthMonitor(num_workers=2)
     with self.assertRaisesRegex(ValueError, "3 latencies"):
       monitor.observe([0.1, 0.1, 0.1])
     with self.assertRaisesRegex(ValueError, "finite"):
@@ -80,7 +79,7 @@ class HealthMonitorTest(parameterized.TestCase):
 
 
   def test_recovering_streak_resets_on_a_slow_check(self):
-    monitor = health.HealthMonitor(num_workers=2, window=2,
+    monitor = switching.HealthMonitor(num_workers=2, window=2,
                                    initial_state=STRAGGLING)
     healthy, slow = [0.05, 0.05], [0.05, 0.20]
     self.assertEqual(monitor.observe(healthy).streak, 1)
@@ -94,18 +93,18 @@ class HealthMonitorTest(parameterized.TestCase):
   def test_ratio_exactly_at_a_threshold(self):
     # Slow means strictly above slow_ratio; recovered means not above
     # recover_ratio. 0.10 / 0.05 = 2.0 exactly, 50 ms apart (> min gap).
-    monitor = health.HealthMonitor(num_workers=2, window=1, slow_ratio=2.0,
+    monitor = switching.HealthMonitor(num_workers=2, window=1, slow_ratio=2.0,
                                    recover_ratio=2.0)
     self.assertEqual(monitor.observe([0.05, 0.10]).slow_workers, ())
     self.assertEqual(monitor.state, HEALTHY)
-    straggling = health.HealthMonitor(num_workers=2, window=1,
+    straggling = switching.HealthMonitor(num_workers=2, window=1,
                                       slow_ratio=3.0, recover_ratio=2.0,
                                       initial_state=STRAGGLING)
     report = straggling.observe([0.05, 0.10])
     self.assertEqual((report.state, report.changed), (HEALTHY, True))
 
   def test_peers_at_zero_latency(self):
-    monitor = health.HealthMonitor(num_workers=2, window=1)
+    monitor = switching.HealthMonitor(num_workers=2, window=1)
     # All zero: nobody is slow (0 / 0 counts as 1).
     self.assertEqual(monitor.ratios([0.0, 0.0]), (1.0, 1.0))
     self.assertEqual(monitor.observe([0.0, 0.0]).slow_workers, ())
@@ -119,7 +118,7 @@ class HealthMonitorTest(parameterized.TestCase):
       ("minus_infinite", [0.1, float("-inf")]),
   )
   def test_latencies_out_of_range(self, latencies):
-    monitor = health.HealthMonitor(num_workers=2)
+    monitor = switching.HealthMonitor(num_workers=2)
     with self.assertRaisesRegex(ValueError,
                                 r"Received: latencies=.*finite and >= 0"):
       monitor.observe(latencies)
@@ -128,10 +127,10 @@ class HealthMonitorTest(parameterized.TestCase):
 
   def test_latencies_from_logs(self):
     logs = {"loss": 0.5, "step_seconds/w0": 0.02, "step_seconds/w1": 0.08}
-    self.assertEqual(health.latencies_from_logs(logs, 2), (0.02, 0.08))
+    self.assertEqual(switching.latencies_from_logs(logs, 2), (0.02, 0.08))
     # A worker missing, or no logs at all: no check this batch.
-    self.assertIsNone(health.latencies_from_logs(logs, 3))
-    self.assertIsNone(health.latencies_from_logs(None, 2))
+    self.assertIsNone(switching.latencies_from_logs(logs, 3))
+    self.assertIsNone(switching.latencies_from_logs(None, 2))
 
 
 class GBALatencySourceTest(tf.test.TestCase):
@@ -151,7 +150,7 @@ class GBALatencySourceTest(tf.test.TestCase):
       current["now"] = now
       return {"worker_pushed": pushed, "worker_compute_seconds": seconds}
 
-    source = health.GBALatencySource(read_metrics, lambda: current["now"],
+    source = switching.GBALatencySource(read_metrics, lambda: current["now"],
                                      window_pushes=4)
     self.assertIsNone(source.poll())
     self.assertIsNone(source.poll())
@@ -171,7 +170,7 @@ class HealthCallbackTest(tf.test.TestCase):
   def _callback(self, auto=True, **kwargs):
     lines = []
     callback = switching.HealthCallback(
-        health.HealthMonitor(num_workers=2, window=2), "sync",
+        switching.HealthMonitor(num_workers=2, window=2), "sync",
         check_every=2, auto=auto, log=lines.append, **kwargs)
     callback.set_model(tf.keras.Sequential([tf.keras.layers.Dense(1)]))
     return callback, lines
@@ -232,7 +231,7 @@ class HealthCallbackTest(tf.test.TestCase):
 class SwitchingTest(tf.test.TestCase):
 
   def _report(self, state, changed, slow=(), ratios=(1.0, 1.0)):
-    return health.HealthReport(state, changed, slow, ratios, (0.02, 0.02), 0)
+    return switching.HealthReport(state, changed, slow, ratios, (0.02, 0.02), 0)
 
   def test_decide(self):
     straggling = self._report(STRAGGLING, True, (1,), (0.25, 4.0))

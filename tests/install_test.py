@@ -58,6 +58,31 @@ class InstalledWheelTest(tf.test.TestCase):
     # The tasks ran the installed module, not a script of this checkout.
     self.assertIn("[chief:0] [job] mode=gba", job.output)
     self.assertNotIn("scripts/train.py", job.output)
+    # The loopback shim's source travels in the wheel (package data of
+    # gba_tf.launch): without it the servers would listen on every interface.
+    self.assertTrue(os.path.isfile(
+        os.path.join(site, "gba_tf", "launch", "loopback.c")))
+
+    # gba-benchmark: away from a checkout its default flagfile is missing,
+    # which it says in one line; given one, it runs a GBA job end to end.
+    benchmark = os.path.join(site, "bin", "gba-benchmark")
+    missing = subprocess.run([benchmark, "--tiny"], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=300)
+    self.assertEqual(missing.returncode, 2, missing.stderr[-2000:])
+    line = missing.stderr.strip().splitlines()[-1]
+    self.assertEqual(line, "gba-benchmark: error: Received: --base_flagfile="
+                     "configs/benchmark.cfg, which does not exist here or "
+                     "in a source checkout of gba_tf.")
+    out = os.path.join(tmp, "bench")
+    ran = subprocess.run(
+        [benchmark, "--tiny", "--modes=gba", f"--out_dir={out}",
+         "--base_flagfile=" + os.path.join(testing_utils.ROOT, "configs",
+                                           "benchmark.cfg")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    self.assertEqual(ran.returncode, 0, ran.stdout[-3000:])
+    summary = testing_utils.read_job_file(out, "benchmark_tiny.json")
+    self.assertEqual([r["mode"] for r in summary["runs"]], ["gba"])
+    self.assertGreater(summary["runs"][0]["samples"], 0)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from absl import flags
 from absl.testing import parameterized
 import tensorflow as tf
 
-from gba_tf import cluster
-from gba_tf import flags as gba_flags
-from gba_tf import job
+from gba_tf.launch import flags as gba_flags
+from gba_tf.launch import job_config
+from gba_tf.launch import tasks
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -31,18 +31,18 @@ def _tf_config(cluster_spec, task_type="worker", index=0):
 class ParseTFConfigTest(parameterized.TestCase):
 
   def test_valid_configs(self):
-    task = cluster.parse_tf_config(_tf_config(_GBA_CLUSTER, "ps", 0), "gba")
+    task = tasks.parse_tf_config(_tf_config(_GBA_CLUSTER, "ps", 0), "gba")
     self.assertEqual((task.task_type, task.task_index, task.num_workers),
                      ("ps", 0, 2))
     self.assertFalse(task.is_chief)
-    self.assertTrue(cluster.parse_tf_config(
+    self.assertTrue(tasks.parse_tf_config(
         _tf_config(_GBA_CLUSTER, "chief", 0), "gba").is_chief)
-    sync = cluster.parse_tf_config(
+    sync = tasks.parse_tf_config(
         _tf_config({"worker": ["localhost:1", "localhost:2"]}, "worker", 0),
         "sync")
     self.assertTrue(sync.is_chief)
     # No TF_CONFIG: a single local sync worker.
-    self.assertTrue(cluster.parse_tf_config(None, "sync").is_chief)
+    self.assertTrue(tasks.parse_tf_config(None, "sync").is_chief)
 
 
 class JobConfigFromFlagsTest(parameterized.TestCase):
@@ -56,8 +56,8 @@ class JobConfigFromFlagsTest(parameterized.TestCase):
   def _config(self, *argv, mode="gba", cluster_spec=None):
     FLAGS.unparse_flags()
     FLAGS(["train.py"] + list(argv))
-    task = cluster.TaskConfig(cluster_spec or _GBA_CLUSTER, "chief", 0)
-    return job.config_from_flags(task, mode)
+    task = tasks.TaskConfig(cluster_spec or _GBA_CLUSTER, "chief", 0)
+    return job_config.config_from_flags(task, mode)
 
   def tearDown(self):
     FLAGS.unparse_flags()

@@ -44,8 +44,8 @@ class ManifestTest(parameterized.TestCase):
                      0)
     for role, spec in specs.items():
       container = spec["template"]["spec"]["containers"][0]
-      self.assertEqual(container["command"][-1], "/app/scripts/train.py",
-                       role)
+      # The console entry point of the installed wheel (setup.py).
+      self.assertEqual(container["command"], ["gba-train"], role)
       self.assertIn(f"--mode={mode}", container["args"], role)
       self.assertIn("--flagfile=/config/job.cfg", container["args"], role)
       mounts = {m["mountPath"] for m in container["volumeMounts"]}

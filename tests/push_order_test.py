@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gba_tf
+from gba_tf.launch import local_cluster
 import tensorflow as tf
 
 from tests import testing_utils
@@ -54,7 +55,7 @@ class PushOrderTest(tf.test.TestCase):
 
   def test_every_shard_aggregates_the_same_pushes_per_step(self):
     testing_utils.collect_before_switching_cluster()
-    with gba_tf.cluster.LocalCluster(num_workers=4, num_ps=2) as cluster:
+    with local_cluster.LocalCluster(num_workers=4, num_ps=2) as cluster:
       config = gba_tf.GBAConfig(global_batch_size=_M, local_batch_size=1,
                                 decay="none", max_staleness=None)
       strategy = gba_tf.GBAStrategy(cluster.resolver(), config,

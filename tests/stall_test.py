@@ -16,6 +16,7 @@ import gba_tf  # sets TF_USE_LEGACY_KERAS=1 before TensorFlow loads
 import tensorflow as tf
 
 from gba_tf import stall
+from gba_tf.launch import local_cluster
 from tests import testing_utils
 
 
@@ -98,7 +99,7 @@ class StallRecoveryTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     testing_utils.collect_before_switching_cluster()
-    cls.cluster = gba_tf.cluster.LocalCluster(num_workers=2, num_ps=2)
+    cls.cluster = local_cluster.LocalCluster(num_workers=2, num_ps=2)
 
   @classmethod
   def tearDownClass(cls):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import gba_tf
+from gba_tf.launch import local_cluster
 import tensorflow as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,9 +27,9 @@ NUM_PS = 2
 
 
 @functools.lru_cache(maxsize=None)
-def shared_cluster() -> gba_tf.cluster.InProcessCluster:
+def shared_cluster() -> local_cluster.InProcessCluster:
   """Servers cannot be stopped in TF 2.21, so build them once per process."""
-  return gba_tf.cluster.InProcessCluster(num_workers=NUM_WORKERS,
+  return local_cluster.InProcessCluster(num_workers=NUM_WORKERS,
                                          num_ps=NUM_PS)
 
 

@@ -28,17 +28,17 @@ from absl import flags
 
 import gba_tf
 
-from gba_tf import cluster as cluster_lib
-from gba_tf import flags as gba_flags
-from gba_tf import job as job_lib
-from gba_tf import launcher as launcher_lib
+from gba_tf.launch import flags as gba_flags
+from gba_tf.launch import job_config
+from gba_tf.launch import launcher as launcher_lib
+from gba_tf.launch import tasks
 
 FLAGS = flags.FLAGS
 
 
 def _check_job_flags(launcher, model_dir: str) -> None:
   """Resolves the job config of every mode this job can run, as its tasks
-  will (`gba_tf.job.config_from_flags`), before any task starts: a bad flag
+  will (`job_config.config_from_flags`), before any task starts: a bad flag
   is one line from the launcher, not one per task after their start-up."""
   # The tasks get --model_dir; resolving without it would make a temp dir.
   FLAGS.model_dir = model_dir
@@ -46,7 +46,7 @@ def _check_job_flags(launcher, model_dir: str) -> None:
   for mode in modes:
     spec = launcher.spec_for(mode)
     chief = "worker" if mode == "sync" else "chief"
-    job_lib.config_from_flags(cluster_lib.TaskConfig(spec, chief, 0), mode)
+    job_config.config_from_flags(tasks.TaskConfig(spec, chief, 0), mode)
 
 
 def main(argv):

@@ -3,7 +3,7 @@
   gba-train --flagfile=configs/local_gba.cfg --mode=gba   # with TF_CONFIG set
   python -m gba_tf.bin.train ...                          # the same
 
-Flags: `gba_tf.flags.define_flags()`. The chief writes the resolved config
+Flags: `gba_tf.launch.flags.define_flags()`. The chief writes the resolved config
 to `<model_dir>/config-<mode>.json`, checkpoints to `<model_dir>/ckpt` and
 the test AUC to `<model_dir>/result.json`.
 """
@@ -11,8 +11,8 @@ the test AUC to `<model_dir>/result.json`.
 from absl import app
 
 import gba_tf  # pylint: disable=unused-import  (TF_USE_LEGACY_KERAS first)
-from gba_tf import flags as gba_flags
-from gba_tf import job
+from gba_tf.launch import flags as gba_flags
+from gba_tf.launch import job
 
 
 def main() -> None:

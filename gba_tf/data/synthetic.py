@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from gba_tf import compat
+from gba_tf import tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,14 +189,12 @@ def worker_index(input_context=None):
   ClusterCoordinator. MultiWorkerMirroredStrategy calls it in each worker
   process with its own `input_pipeline_id`.
   """
-  try:
-    return tf.cast(
-        tf.distribute.coordinator.experimental_get_current_worker_index(),
-        tf.int64)
-  except (RuntimeError, ValueError):
-    if input_context is not None and input_context.num_input_pipelines > 1:
-      return tf.constant(input_context.input_pipeline_id, tf.int64)
-    return tf.constant(-1, tf.int64)
+  index = tokens.current_worker_index()
+  if index is not None:
+    return index
+  if input_context is not None and input_context.num_input_pipelines > 1:
+    return tf.constant(input_context.input_pipeline_id, tf.int64)
+  return tf.constant(-1, tf.int64)
 
 
 def with_straggler(dataset: tf.data.Dataset, step_ms: float,

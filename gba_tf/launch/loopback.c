@@ -5,7 +5,7 @@
  * with LD_PRELOAD into the tasks of a local cluster, this bind() rewrites
  * 0.0.0.0 to 127.0.0.1 and refuses [::] (gRPC then falls back to 0.0.0.0,
  * which becomes 127.0.0.1), so no other host can reach the servers.
- * Explicit addresses pass through unchanged. Built by gba_tf/loopback.py.
+ * Explicit addresses pass through unchanged. Built by gba_tf/launch/loopback.py.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>

@@ -33,16 +33,17 @@ import threading
 import time
 from typing import Dict, List, Optional, TextIO
 
-from gba_tf import cluster as cluster_lib
-from gba_tf import loopback
 from gba_tf import switching
+from gba_tf.launch import loopback
+from gba_tf.launch import tasks
 
 # Every task runs the training entry point as a module of the same gba_tf
 # as this launcher: an installed wheel has no scripts/ directory to run.
 _TRAIN_MODULE = "gba_tf.bin.train"
 # The directory that holds this launcher's gba_tf package, put first on the
 # tasks' PYTHONPATH so that they import the same code from any directory.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 # After the chief exits, the other sync workers finish their last step and
 # exit on their own; past this they are presumed stuck in a collective.
 _PEER_EXIT_GRACE_S = 30.0
@@ -123,8 +124,8 @@ class LocalLauncher:
   def spec_for(self, mode: str) -> Dict[str, List[str]]:
     """The cluster spec of a `mode` phase, on free loopback ports."""
     if mode == "sync":
-      return cluster_lib.make_cluster_spec(self.workers, 0)
-    return cluster_lib.make_cluster_spec(self.workers, self.ps, num_chief=1)
+      return tasks.make_cluster_spec(self.workers, 0)
+    return tasks.make_cluster_spec(self.workers, self.ps, num_chief=1)
 
   def _say(self, line: str) -> None:
     with self._lock:
@@ -138,7 +139,7 @@ class LocalLauncher:
 
   def _spawn(self, job: str, index: int) -> None:
     name = f"{job}:{index}"
-    env = cluster_lib.task_environment(self._spec, job, index, self.env)
+    env = tasks.task_environment(self._spec, job, index, self.env)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(
         [_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -232,7 +233,7 @@ class LocalLauncher:
 
   def stop(self) -> None:
     """Stops every task of the current phase (SIGTERM, then SIGKILL)."""
-    cluster_lib.terminate(self._procs.values())
+    tasks.terminate(self._procs.values())
     for thread in self._threads:
       thread.join(timeout=1.0)
     self._procs, self._threads = {}, []
@@ -264,7 +265,7 @@ class LocalLauncher:
                   f"{result.seconds:.1f} s with code {result.exit_code}\n")
         if result.exit_code == switching.EXIT_SWITCH and self.mode == "auto":
           continue
-        if (result.exit_code == switching.EXIT_RESUME and
+        if (result.exit_code == tasks.EXIT_RESUME and
             resumes < _MAX_RESUMES):
           resumes += 1
           self._say("[launcher] the chief lost a parameter server; "

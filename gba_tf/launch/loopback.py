@@ -12,7 +12,9 @@ interfaces, as TensorFlow does by itself).
 Example:
 
 ```python
-env = dict(os.environ, **gba_tf.loopback.environment())
+from gba_tf.launch import loopback
+
+env = dict(os.environ, **loopback.environment())
 subprocess.Popen([...], env=env)
 ```
 """

@@ -1,17 +1,16 @@
-"""Command-line flags shared by the gba_tf binaries in `scripts/`.
+"""Command-line flags shared by the gba_tf binaries (`gba-train`, `gba-launch`,
+`gba-benchmark`, `scripts/`).
 
 Importing this module defines nothing; a binary calls `define_flags()` and
-then `app.run(main)`. Every flag is optional; a binary may change defaults
+then `app.run(main)`; `job_config.config_from_flags` resolves them. Every flag is optional; a binary may change defaults
 with `flags.FLAGS.set_default`. Flagfiles in `configs/` set them in bulk:
 
-  python scripts/train.py --flagfile=configs/local_gba.cfg --mode=sync
+  gba-train --flagfile=configs/local_gba.cfg --mode=sync
 """
 
 from typing import Tuple
 
 from absl import flags
-
-from gba_tf import config as config_lib
 
 FLAGS = flags.FLAGS
 
@@ -148,32 +147,3 @@ def parse_straggler(spec: str) -> Tuple[int, float]:
     raise ValueError(f"Received: straggler={spec!r}; need INDEX >= 0 and "
                      "SLOWDOWN >= 1.")
   return index, slowdown
-
-
-def global_batch_from_flags(num_workers=None) -> int:
-  """--global_batch_size, by default workers * --local_batch_size."""
-  workers = num_workers or FLAGS.workers
-  return FLAGS.global_batch_size or workers * FLAGS.local_batch_size
-
-
-def gba_config_from_flags(num_workers=None) -> config_lib.GBAConfig:
-  """The GBAConfig of --preset (default gba) for `num_workers` workers."""
-  workers = num_workers or FLAGS.workers
-  global_batch = global_batch_from_flags(workers)
-  preset = FLAGS["preset"].value if "preset" in FLAGS else "gba"
-  if preset != "gba":
-    return config_lib.GBAConfig.preset(
-        preset, local_batch_size=FLAGS.local_batch_size,
-        global_batch_size=global_batch, num_workers=workers,
-        # `or 4` would turn --max_staleness=0 (drop every stale gradient)
-        # into 4.
-        max_staleness=(4 if FLAGS.max_staleness is None
-                       else FLAGS.max_staleness))
-  overrides = {
-      name: FLAGS[name].value
-      for name in ("staleness_threshold", "decay", "decay_rate",
-                   "max_staleness")
-      if FLAGS[name].value is not None}
-  return config_lib.GBAConfig(global_batch_size=global_batch,
-                              local_batch_size=FLAGS.local_batch_size,
-                              **overrides)

@@ -1,0 +1,405 @@
+"""Benchmark: sync vs async vs GBA (and PS baselines), healthy and straggling.
+
+Every run is a whole job on the local multi-process cluster, launched from
+the same flagfile (`configs/benchmark.cfg`): the same model, data, global
+batch, learning rate and number of samples; only `--mode` / `--preset` and
+the straggler change. Runs are interleaved (repeat-major) so that drift in
+the machine's speed spreads over all modes.
+
+  gba-benchmark --quick      # make demo: ~3 min
+  gba-benchmark              # the full table, <= 20 min (make bench)
+  gba-benchmark --ablation   # decay / threshold ablation
+  gba-benchmark --tiny       # CI: every mode, 2 workers
+  python scripts/benchmark.py ...   # a source checkout; the same
+
+Run from a source checkout (or pass `--base_flagfile`): the job's settings
+are the flagfile `configs/benchmark.cfg`, which a wheel does not carry.
+
+Writes `results/<name>.json` (every run and the summary), and
+`results/<name>_auc.png` (test AUC vs samples seen) and
+`results/<name>_throughput.png` (samples/s per mode and condition).
+
+Throughput is training samples per second in the steady state: the first
+loop (tracing, warm-up) and the held-out evaluations at the end of each loop
+are left out. "ideal" is the sum of the workers'
+emulated speeds, sum_i local_batch / (step_ms * slowdown_i): what a
+perfectly asynchronous system would reach.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+import gba_tf  # pylint: disable=unused-import  (TF_USE_LEGACY_KERAS first)
+from gba_tf.launch import flags as gba_flags
+from gba_tf.launch import launcher as launcher_lib
+
+FLAGS = flags.FLAGS
+# The source checkout this package sits in, if it is one: where the default
+# --base_flagfile is found when the command runs from another directory.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+_BASE_FLAGFILE = os.path.join("configs", "benchmark.cfg")
+
+# Mode name -> train.py arguments.
+MODES = {
+    "sync": ["--mode=sync"],
+    "async": ["--mode=async"],
+    "gba": ["--mode=gba"],
+    "backup_workers": ["--mode=gba", "--preset=backup_workers"],
+    "bounded_staleness": ["--mode=gba", "--preset=bounded_staleness"],
+}
+# Condition -> (straggler spec, description).
+CONDITIONS = {
+    "healthy": ("", "all workers at full speed"),
+    "straggler": ("1:4", "worker 1 at 1/4 speed"),
+    "mild": ("1:2", "worker 1 at 1/2 speed"),
+}
+# Decay variants of the ablation (GBA, straggler condition).
+ABLATION = {
+    "no_decay": ["--decay=none", "--max_staleness=1000"],
+    "exp0.5_t1": ["--decay=exponential", "--decay_rate=0.5",
+                  "--staleness_threshold=1"],
+    "exp0.5_t2": ["--decay=exponential", "--decay_rate=0.5",
+                  "--staleness_threshold=2"],
+    "exp0.5_t4": ["--decay=exponential", "--decay_rate=0.5",
+                  "--staleness_threshold=4"],
+    "inverse_t2": ["--decay=inverse", "--decay_rate=1.0",
+                   "--staleness_threshold=2"],
+    "drop_t2": ["--decay=none", "--staleness_threshold=2",
+                "--max_staleness=2"],
+}
+SCHEMA_VERSION = 1
+
+
+def define_flags():
+  gba_flags.define_flags()
+  flags.DEFINE_bool("quick", False, "sync / async / gba, healthy and "
+                    "straggler, one repeat (make demo).")
+  flags.DEFINE_bool("tiny", False, "CI: every mode, straggler only, 2 "
+                    "workers, a few steps.")
+  flags.DEFINE_bool("ablation", False, "Decay ablation instead of the mode "
+                    "comparison.")
+  flags.DEFINE_integer("repeats", 3, "Repeats per case (interleaved).")
+  flags.DEFINE_list("modes", None, "Subset of modes; default all.")
+  flags.DEFINE_list("conditions", None, "Subset of conditions; default all.")
+  flags.DEFINE_string("out_dir", "results",
+                      "Where JSON, PNG and per-run logs go.")
+  flags.DEFINE_string(
+      "base_flagfile", _BASE_FLAGFILE,
+      "The job settings every run starts from (relative: to the current "
+      "directory, else to the source checkout of this package).")
+  flags.DEFINE_string("name", None, "Output file stem; default by preset.")
+
+
+def _plan():
+  """(name, cases, repeats, extra args); a case is (condition, mode, args)."""
+  if FLAGS.tiny:
+    name, repeats = "benchmark_tiny", 1
+    modes, conditions = list(MODES), ["straggler"]
+    extra = ["--workers=2", "--ps=1", "--local_batch_size=128",
+             "--global_batch_size=256", "--train_steps=12",
+             "--steps_per_loop=6", "--step_ms=10", "--eval_examples=2000",
+             "--test_examples=4000", "--train_examples=20000",
+             "--model=embedding_mlp",
+             # 12 steps of 256 samples: a rate that shows learning that
+             # soon (the tuned 1.0 first overshoots the held-out loss).
+             "--learning_rate=0.1"]
+  elif FLAGS.quick:
+    name, repeats = "benchmark_quick", 1
+    modes, conditions = ["sync", "async", "gba"], ["healthy", "straggler"]
+    extra = ["--train_steps=60", "--steps_per_loop=20"]
+  else:
+    name, repeats = "benchmark", FLAGS.repeats
+    modes, conditions = list(MODES), list(CONDITIONS)
+    extra = []
+  modes = FLAGS.modes or modes
+  conditions = FLAGS.conditions or conditions
+  for m in modes:
+    if m not in MODES:
+      raise ValueError(f"Received: --modes={m}, which is not one of "
+                       f"{list(MODES)}.")
+  for c in conditions:
+    if c not in CONDITIONS:
+      raise ValueError(f"Received: --conditions={c}, which is not one of "
+                       f"{list(CONDITIONS)}.")
+  cases = [(c, m, MODES[m]) for c in conditions for m in modes]
+  if FLAGS.ablation:
+    name = "ablation" + ("_tiny" if FLAGS.tiny else "")
+    cases = [("straggler", variant, ["--mode=gba"] + args)
+             for variant, args in ABLATION.items()]
+  return FLAGS.name or name, cases, repeats, extra
+
+
+def _user_args():
+  """This command's own flags, forwarded to every run (flagfile first)."""
+  own = {"quick", "tiny", "ablation", "repeats", "modes", "conditions",
+         "out_dir", "name", "base_flagfile"}
+  return [a for a in sys.argv[1:]
+          if a.lstrip("-").split("=")[0].removeprefix("no") not in own]
+
+
+def _arg_value(args, name):
+  """The last value `args` give --name, flagfiles expanded in place."""
+  value = None
+  for arg in args:
+    if arg.startswith("--flagfile="):
+      with open(arg.split("=", 1)[1]) as f:
+        lines = [l.strip() for l in f if l.strip().startswith("--")]
+      inner = _arg_value(lines, name)
+      value = inner if inner is not None else value
+    elif arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+  return value
+
+
+def _read(path):
+  with open(path) as f:
+    if path.endswith(".jsonl"):
+      return [json.loads(line) for line in f]
+    return json.load(f)
+
+
+def base_flagfile() -> str:
+  """--base_flagfile as a path that exists; raises ValueError naming it."""
+  path = FLAGS.base_flagfile
+  candidates = [path] if os.path.isabs(path) else [
+      path, os.path.join(_CHECKOUT, path)]
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise ValueError(f"Received: --base_flagfile={path}, which does not exist "
+                   "here or in a source checkout of gba_tf.")
+
+
+def run_case(condition, mode, args, extra, repeat, log_dir, flagfile):
+  """One job; returns its row for the JSON."""
+  straggler, _ = CONDITIONS[condition]
+  model_dir = tempfile.mkdtemp(prefix=f"gba_bench_{condition}_{mode}_")
+  train_args = ([f"--flagfile={flagfile}"]
+                + extra + _user_args() + args +
+                [f"--straggler={straggler}", "--nocheckpoint_every_loop",
+                 f"--seed={repeat}"])
+  log_path = os.path.join(log_dir, f"{condition}-{mode}-r{repeat}.log")
+  start = time.perf_counter()
+  with open(log_path, "w") as log:
+    launcher = launcher_lib.LocalLauncher(
+        train_args, workers=int(_arg_value(train_args, "workers")),
+        ps=int(_arg_value(train_args, "ps")),
+        mode=args[0].split("=")[1], model_dir=model_dir, out=log)
+    code = launcher.run()
+  wall = time.perf_counter() - start
+  if code:
+    raise RuntimeError(f"{condition}/{mode} run {repeat} exited with {code}; "
+                       f"see {log_path}")
+  result = _read(os.path.join(model_dir, "result.json"))
+  phase = _read(os.path.join(model_dir, "phases.jsonl"))[-1]
+  config = _read(os.path.join(model_dir, f"config-{phase['mode']}.json"))
+  # Everything the row needs is read; the checkpoints are not (a failed
+  # run keeps its directory for the post-mortem).
+  shutil.rmtree(model_dir, ignore_errors=True)
+  gba = phase.get("gba")
+  return {
+      "condition": condition, "mode": mode, "repeat": repeat,
+      "wall_seconds": wall, "train_seconds": phase["seconds"],
+      "eval_seconds": phase["eval_seconds"],
+      "samples": result["samples"],
+      # Steady state: the first loop (tracing, warm-up) left out when there
+      # are several.
+      "samples_per_s": (phase.get("steady_samples_per_s") or
+                        result["samples"] / phase["seconds"]),
+      "optimizer_steps": result["optimizer_steps"],
+      "test_auc": result["test_auc"], "test_logloss": result["test_logloss"],
+      "best_auc": result["best_auc"], "curve": result["curve"],
+      "staleness_histogram": gba["staleness_histogram"] if gba else None,
+      "gba_counters": {k: v for k, v in gba.items()
+                       if not isinstance(v, list)} if gba else None,
+      "args": train_args, "config": config, "log": log_path,
+  }
+
+
+def ideal_samples_per_s(config, condition):
+  """Sum of the workers' emulated speeds (samples/s)."""
+  straggler, _ = CONDITIONS[condition]
+  slow, slowdown = gba_flags.parse_straggler(straggler)
+  step_s = config["step_ms"] / 1000.0
+  if step_s <= 0:
+    return None
+  return sum(config["gba"]["local_batch_size"] /
+             (step_s * (slowdown if i == slow else 1.0))
+             for i in range(config["num_workers"]))
+
+
+def summarize(rows):
+  """Per (condition, mode): medians, means, ratios to sync and ideal."""
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["condition"], row["mode"]), []).append(row)
+  summary = []
+  for (condition, mode), runs in groups.items():
+    speeds = [r["samples_per_s"] for r in runs]
+    aucs = [r["test_auc"] for r in runs]
+    entry = {
+        "condition": condition, "mode": mode, "runs": len(runs),
+        "samples_per_s": statistics.median(speeds),
+        "samples_per_s_runs": speeds,
+        "test_auc": statistics.mean(aucs),
+        "test_auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+        "test_logloss": statistics.mean(r["test_logloss"] for r in runs),
+        "ideal_samples_per_s": ideal_samples_per_s(runs[0]["config"],
+                                                   condition),
+    }
+    hists = [r["staleness_histogram"] for r in runs
+             if r["staleness_histogram"]]
+    entry["staleness_histogram"] = ([sum(h) for h in zip(*hists)]
+                                    if hists else None)
+    summary.append(entry)
+  for entry in summary:
+    sync = next((e for e in summary if e["mode"] == "sync" and
+                 e["condition"] == entry["condition"]), None)
+    sync_healthy = next((e for e in summary if e["mode"] == "sync" and
+                         e["condition"] == "healthy"), None)
+    entry["speed_vs_sync"] = (entry["samples_per_s"] / sync["samples_per_s"]
+                              if sync else None)
+    entry["speed_vs_ideal"] = (
+        entry["samples_per_s"] / entry["ideal_samples_per_s"]
+        if entry["ideal_samples_per_s"] else None)
+    entry["auc_vs_sync_healthy"] = (
+        entry["test_auc"] - sync_healthy["test_auc"] if sync_healthy
+        else None)
+  return summary
+
+
+def _fmt(value, spec):
+  return "-" if value is None else format(value, spec)
+
+
+def table(summary) -> str:
+  lines = [f"{'condition':10} {'mode':18} {'samples/s':>10} {'x sync':>7} "
+           f"{'x ideal':>8} {'test AUC':>15} {'dAUC':>8} {'logloss':>8}"]
+  for e in summary:
+    auc = f"{e['test_auc']:.4f}"
+    if e["runs"] > 1:
+      auc += f"±{e['test_auc_std']:.4f}"
+    lines.append(
+        f"{e['condition']:10} {e['mode']:18} {e['samples_per_s']:10.0f} "
+        f"{_fmt(e['speed_vs_sync'], '7.2f')} "
+        f"{_fmt(e['speed_vs_ideal'], '8.2f')} {auc:>15} "
+        f"{_fmt(e['auc_vs_sync_healthy'], '+8.4f')} "
+        f"{e['test_logloss']:8.4f}")
+  lines.append("")
+  lines.append("staleness histograms (tau:count, summed over repeats):")
+  for e in summary:
+    hist = e["staleness_histogram"]
+    if hist:
+      last = max(t for t, n in enumerate(hist) if n) if any(hist) else 0
+      lines.append(f"  {e['condition']:10} {e['mode']:18} " + " ".join(
+          f"{t}:{n}" for t, n in enumerate(hist[:last + 1])))
+  return "\n".join(lines)
+
+
+def plot(rows, summary, stem):
+  """AUC-vs-samples curves and throughput bars, as PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  conditions = list(dict.fromkeys(r["condition"] for r in rows))
+  fig, axes = plt.subplots(1, len(conditions),
+                           figsize=(5 * len(conditions), 4), squeeze=False)
+  for ax, condition in zip(axes[0], conditions):
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+      runs = [r for r in rows if r["condition"] == condition and
+              r["mode"] == mode and r["curve"]]
+      if not runs:
+        continue
+      # Mean curve over repeats (the points line up: same loop lengths).
+      n = min(len(r["curve"]) for r in runs)
+      xs = [runs[0]["curve"][i]["samples"] for i in range(n)]
+      ys = [statistics.mean(r["curve"][i]["auc"] for r in runs)
+            for i in range(n)]
+      ax.plot(xs, ys, marker="o", label=mode)
+    ax.set_title(f"{condition}: {CONDITIONS[condition][1]}")
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("held-out AUC")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(f"{stem}_auc.png", dpi=100)
+  plt.close(fig)
+
+  modes = list(dict.fromkeys(e["mode"] for e in summary))
+  fig, ax = plt.subplots(figsize=(1.8 * len(modes) * len(conditions) / 2 + 4,
+                                  4))
+  width = 0.8 / len(conditions)
+  for j, condition in enumerate(conditions):
+    values = [next((e["samples_per_s"] for e in summary
+                    if e["mode"] == m and e["condition"] == condition), 0)
+              for m in modes]
+    ax.bar([i + j * width for i in range(len(modes))], values, width,
+           label=condition)
+  ax.set_xticks([i + width * (len(conditions) - 1) / 2
+                 for i in range(len(modes))])
+  ax.set_xticklabels(modes, rotation=15)
+  ax.set_ylabel("training samples / s")
+  ax.legend()
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(f"{stem}_throughput.png", dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  try:
+    name, cases, repeats, extra = _plan()
+    flagfile = base_flagfile()
+  except ValueError as e:
+    print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+    return 2
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  log_dir = os.path.join(FLAGS.out_dir, f"{name}_logs")
+  os.makedirs(log_dir, exist_ok=True)
+  total = len(cases) * repeats
+  print(f"{name}: {len(cases)} cases x {repeats} repeats = {total} jobs on "
+        f"a local multi-process cluster; logs in {log_dir}", flush=True)
+  rows, start = [], time.perf_counter()
+  for repeat in range(repeats):
+    for condition, mode, args in cases:
+      row = run_case(condition, mode, args, extra, repeat, log_dir,
+                     flagfile)
+      rows.append(row)
+      print(f"[{len(rows)}/{total}] {condition:9} {mode:18} repeat {repeat}: "
+            f"{row['samples_per_s']:8.0f} samples/s, test AUC "
+            f"{row['test_auc']:.4f}, {row['wall_seconds']:5.1f} s wall "
+            f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
+  summary = summarize(rows)
+  print()
+  print(table(summary))
+  stem = os.path.join(FLAGS.out_dir, name)
+  with open(f"{stem}.json", "w") as f:
+    json.dump({"schema_version": SCHEMA_VERSION, "name": name,
+               "command": " ".join([os.path.basename(sys.argv[0])] +
+                                   sys.argv[1:]),
+               "seconds": time.perf_counter() - start,
+               "summary": summary, "runs": rows}, f, indent=2)
+  plot(rows, summary, stem)
+  print(f"\nwrote {stem}.json, {stem}_auc.png, {stem}_throughput.png")
+  return 0
+
+
+def run() -> None:
+  """The `gba-benchmark` console entry point."""
+  define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()
