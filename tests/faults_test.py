@@ -96,9 +96,16 @@ class FaultsTest(tf.test.TestCase):
 
   def test_ps_killed_resumes_from_last_checkpoint(self):
     model_dir = testing_utils.temp_dir(self, "gba_kill_ps_")
-    job = _job(self, model_dir)
-    # Loops 1 and 2 (80 steps) are done and backed up once epoch 3 starts.
+    # Adam: its slots (m, v) live on the PS next to the variables and must
+    # come back with them.
+    job = _job(self, model_dir, "--optimizer=adam", "--learning_rate=0.01",
+               "--verify_restore")
+    # Loops 1 and 2 (80 steps) are done and checkpointed once epoch 3
+    # starts; the PS dies in loop 3, before step 120.
     job.wait_for("[chief:0] Epoch 3/")
+    ckpt_dir = os.path.join(model_dir, "ckpt")
+    last_before_kill = tf.train.latest_checkpoint(ckpt_dir)
+    self.assertNotIn("Epoch 4/", job.output)
     job.kill("ps:0")
     self.assertEqual(job.finish(), 0, job.output[-3000:])
     self.assertIn("lost a parameter server", job.output)
@@ -107,12 +114,33 @@ class FaultsTest(tf.test.TestCase):
     launch = _read(model_dir, "launch.json")
     self.assertEqual([p["exit_code"] for p in launch["phases"]], [76, 0])
     phase = _read(model_dir, "phases.jsonl")[-1]
-    # Resumed from the checkpoint of loop 2 or later: at most one loop (40
-    # steps) of work was lost, and the job still ends at 240 steps.
-    self.assertGreaterEqual(phase["start_step"], 80)
+    # Resumed from the last checkpoint written before the kill (step 80):
+    # the PS died before step 120, so at most one loop (40 steps) was lost.
+    step = int(last_before_kill.rsplit("-", 1)[1])
+    self.assertEqual(step, 80)
+    self.assertEqual(phase["start_step"], step)
     self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],
                      240)
     _assert_conserved(self, phase["gba"])
+    # Every tensor the resumed job held after its restore (model, Adam's
+    # slots, the step) equals that checkpoint's, read from disk.
+    saved = tf.train.load_checkpoint(last_before_kill)
+    restored = tf.train.load_checkpoint(
+        os.path.join(model_dir, "restored", f"ckpt-{step}"))
+    keys = [k for k in saved.get_variable_to_shape_map()
+            if "save_counter" not in k and "_CHECKPOINTABLE_OBJECT_GRAPH" != k]
+    self.assertCountEqual(
+        keys, [k for k in restored.get_variable_to_shape_map()
+               if "save_counter" not in k
+               and "_CHECKPOINTABLE_OBJECT_GRAPH" != k])
+    slots = [k for k in keys if ".OPTIMIZER_SLOT/optimizer/m/" in k]
+    self.assertNotEmpty(slots)
+    for key in keys:
+      self.assertAllEqual(restored.get_tensor(key), saved.get_tensor(key),
+                          msg=key)
+    # The slots hold trained values, not the zeros of a fresh optimizer.
+    self.assertGreater(
+        max(float(abs(saved.get_tensor(k)).max()) for k in slots), 0.0)
 
   def test_chief_killed_then_rerun_resumes(self):
     model_dir = testing_utils.temp_dir(self, "gba_kill_chief_")

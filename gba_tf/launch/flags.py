@@ -78,6 +78,11 @@ def define_flags() -> None:
       "preempted command resumes from the last loop.")
   # The old name read like the unrelated backup-workers preset.
   flags.DEFINE_alias("backup", "checkpoint_every_loop")
+  flags.DEFINE_bool(
+      "verify_restore", False,
+      "After resuming from a checkpoint, write what was restored (model and "
+      "optimizer, slots included) to <model_dir>/restored/ckpt-<step>, to be "
+      "compared tensor by tensor with the checkpoint it came from.")
   flags.DEFINE_string(
       "export_dir", None,
       "After training, the chief writes a SavedModel with a serving_default "

@@ -144,6 +144,11 @@ class Job:
                     metrics=[tf.keras.metrics.AUC(from_logits=True,
                                                   name="auc")])
       restored = checkpoints.restore_latest(ckpt_dir, model, optimizer)
+    if c.verify_restore and restored:
+      # What the variables hold now, on their parameter servers, in a
+      # checkpoint of the same layout (every sync worker takes part).
+      checkpoints.save(os.path.join(c.model_dir, "restored"), model,
+                       optimizer, is_chief=self.task.is_chief)
     # Everything is counted in Keras steps of this mode: sync steps are
     # global batches; PS steps are local batches, and every mode processes
     # train_steps global batches' worth of samples (docs/design.md, invariant 5).

@@ -47,6 +47,7 @@ class JobConfig:
   test_examples: int
   eval_examples: int
   checkpoint_every_loop: bool
+  verify_restore: bool
   export_dir: Optional[str]
   seed: int
   step_ms: float
@@ -147,6 +148,7 @@ def config_from_flags(task: tasks.TaskConfig,
       train_examples=f.train_examples, test_examples=f.test_examples,
       eval_examples=f.eval_examples,
       checkpoint_every_loop=f.checkpoint_every_loop,
+      verify_restore=f.verify_restore,
       export_dir=f.export_dir, seed=f.seed, step_ms=f.step_ms,
       slow_worker=slow_worker, slowdown=slowdown,
       straggler_until=f.straggler_until,
