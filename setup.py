@@ -33,6 +33,7 @@ setuptools.setup(
             "gba-train=gba_tf.bin.train:main",
             "gba-launch=gba_tf.bin.launch_local:run",
             "gba-benchmark=gba_tf.bin.benchmark:run",
+            "gba-simulate=gba_tf.bin.simulate:run",
         ],
     },
     extras_require={

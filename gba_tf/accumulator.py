@@ -53,13 +53,16 @@ import numpy as np
 import tensorflow as tf
 
 from gba_tf import counters as counters_lib
+from gba_tf import schedule
 from gba_tf import staleness as staleness_lib
 from gba_tf import stall as stall_lib
 from gba_tf import tokens as tokens_lib
 
-# Global steps open at once: the one being applied (or still assembled) and
-# the next. One buffer each per variable.
-_OPEN_STEPS = 2
+# The global order (tickets, staleness, weights, when a step is complete)
+# follows `gba_tf.schedule`, evaluated here with TF ops on the first PS task;
+# the simulator evaluates the same functions on numpy.
+_TF_OPS = schedule.Ops(maximum=tf.maximum, minimum=tf.minimum,
+                       take=tf.gather)
 
 # Layout of the scheduling state: landings of the open step with parity p at
 # index p, the next step to apply, and whether a push is applying it.
@@ -82,7 +85,7 @@ class _Slot:
     self.sparse = sparse
     self._dense_shape = var.shape
     self._buffers = tf.Variable(
-        tf.zeros([_OPEN_STEPS] + var.shape.as_list(), var.dtype),
+        tf.zeros([schedule.OPEN_STEPS] + var.shape.as_list(), var.dtype),
         trainable=False, name=_slot_name(var))
     self.nbytes = (self._buffers.shape.num_elements()
                    * self._buffers.dtype.size)
@@ -202,13 +205,14 @@ class GradientAggregator:
     self.counters = counters
     self._slots: Dict[int, Tuple[_Slot, Any]] = {}
     self._device = device
-    self._weight_table = policy.weight_table()
+    self._tables = schedule.Tables.of(policy)
     m = num_aggregate
     with tf.device(device):
       self._schedule = tf.Variable(tf.zeros([4], tf.int64), trainable=False,
                                    name="gba_schedule")
       self._tickets = tf.queue.FIFOQueue(
-          _OPEN_STEPS * m, tf.int64, shapes=[[]], name="gba_tickets")
+          schedule.OPEN_STEPS * m, tf.int64, shapes=[[]],
+          name="gba_tickets")
       # exclusive_resource_access=False: the global step guarded here is
       # also read, lock-free, by every worker's token read.
       self._lock = tf.CriticalSection(name="gba_schedule_lock")
@@ -222,7 +226,8 @@ class GradientAggregator:
     self._recovery_parts = None
     # Tickets of the first two global steps (no device scope: an eager
     # queue op runs where the queue lives).
-    self._tickets.enqueue_many(tf.range(_OPEN_STEPS * m, dtype=tf.int64))
+    self._tickets.enqueue_many(
+        tf.range(*schedule.initial_tickets(m), dtype=tf.int64))
 
   def _slot(self, var, grad) -> _Slot:
     key = id(var)
@@ -327,14 +332,11 @@ class GradientAggregator:
                        lambda: tf.constant(-1, tf.int64))
       # A rejected push has no ticket; its tau (for the histogram) is
       # measured against the global step.
-      step_index = tf.where(finite, ticket // m,
+      step_index = tf.where(finite, schedule.step_of(ticket, m),
                             self.tokens.global_step.read_value())
-      tau = tf.maximum(step_index - token, 0)
-      table = tf.constant(self._weight_table)
-      weight = tf.gather(table, tf.minimum(tau, len(self._weight_table) - 1))
-      accepted = finite
-      if self.policy.max_staleness is not None:
-        accepted = tf.logical_and(accepted, tau <= self.policy.max_staleness)
+      tau = schedule.staleness(step_index, token, _TF_OPS)
+      weight = self._tables.weight(tau, _TF_OPS)
+      accepted = tf.logical_and(finite, self._tables.accepts(tau, _TF_OPS))
 
       def give_back():
         with tf.control_dependencies([self._tickets.enqueue(ticket)]):
@@ -345,7 +347,7 @@ class GradientAggregator:
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
           finite)
-      parity = tf.math.floormod(step_index, _OPEN_STEPS)
+      parity = schedule.parity(step_index)
 
     adds = []
     for device, entries in _group_by_device(flat).items():
@@ -393,8 +395,7 @@ class GradientAggregator:
               lambda: self._timed(lambda: self._finish(step)),
               exclusive_resource_access=False)
           refill = self._tickets.enqueue_many(
-              tf.range((step + _OPEN_STEPS) * m,
-                       (step + _OPEN_STEPS + 1) * m))
+              tf.range(*schedule.refill(step, m)))
       with tf.control_dependencies([refill]):
         return tf.identity(more), tf.identity(following)
 
@@ -423,7 +424,8 @@ class GradientAggregator:
     """
     values = [int(v) for v in self._schedule.numpy()]
     size = int(self._tickets.size().numpy())
-    return (tuple(values[:_OPEN_STEPS]), values[_NEXT], values[_BUSY], size)
+    return (tuple(values[:schedule.OPEN_STEPS]), values[_NEXT], values[_BUSY],
+            size)
 
   def recover(self, action: stall_lib.StallAction, observed) -> bool:
     """Carries out a `StallAction` if the state is still `observed`.
@@ -453,10 +455,11 @@ class GradientAggregator:
   def _land(self, parity, landed):
     """Counts a landing; claims the next step if it is complete and free."""
     state = self._schedule.read_value()
-    counts = state[:_OPEN_STEPS] + landed * tf.one_hot(
-        parity, _OPEN_STEPS, dtype=tf.int64)
+    counts = state[:schedule.OPEN_STEPS] + landed * tf.one_hot(
+        parity, schedule.OPEN_STEPS, dtype=tf.int64)
     next_step, busy = state[_NEXT], state[_BUSY]
-    ready = tf.gather(counts, next_step % _OPEN_STEPS) >= self.num_aggregate
+    ready = schedule.complete(
+        tf.gather(counts, schedule.parity(next_step)), self.num_aggregate)
     claim = tf.logical_and(ready, tf.equal(busy, 0))
     new_state = tf.concat(
         [counts, tf.stack([next_step, busy + tf.cast(claim, tf.int64)])], 0)
@@ -466,12 +469,12 @@ class GradientAggregator:
   def _finish(self, step):
     """Marks `step` applied; claims the following one if it is complete."""
     state = self._schedule.read_value()
-    cleared = tf.one_hot(step % _OPEN_STEPS, _OPEN_STEPS, on_value=0,
-                         off_value=1, dtype=tf.int64)
-    counts = state[:_OPEN_STEPS] * cleared
+    cleared = tf.one_hot(schedule.parity(step), schedule.OPEN_STEPS,
+                         on_value=0, off_value=1, dtype=tf.int64)
+    counts = state[:schedule.OPEN_STEPS] * cleared
     following = step + 1
-    more = (tf.gather(counts, following % _OPEN_STEPS)
-            >= self.num_aggregate)
+    more = schedule.complete(
+        tf.gather(counts, schedule.parity(following)), self.num_aggregate)
     new_state = tf.concat(
         [counts, tf.stack([following, tf.cast(more, tf.int64)])], 0)
     with tf.control_dependencies([
@@ -481,7 +484,7 @@ class GradientAggregator:
 
   def _apply(self, staged, steps: Sequence[OptimizerStep], step) -> List[Any]:
     """Applies global step `step` with every optimizer; returns its ops."""
-    parity = tf.math.floormod(step, _OPEN_STEPS)
+    parity = schedule.parity(step)
     ops = []
     for part, opt_step in zip(staged, steps):
       if not part:

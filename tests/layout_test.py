@@ -4,7 +4,9 @@ Read from the source (every `import` statement of every module, at any
 depth), so a new import that breaks the layering fails here before it makes
 a cycle: the library (`gba_tf/*.py`, `gba_tf/data`, `gba_tf/models`) imports
 neither `gba_tf.switching` nor `gba_tf.launch`; switching does not import
-launch; the pure switching modules import no TensorFlow.
+launch; the simulator (`gba_tf.sim`) stands on the library alone; the pure
+modules (the switching decision, the schedule rules, the simulator) import
+no TensorFlow.
 """
 
 import ast
@@ -42,7 +44,8 @@ def imports_of(path):
 
 
 def _layer(module):
-  for layer in ("gba_tf.launch", "gba_tf.switching", "gba_tf.bin"):
+  for layer in ("gba_tf.launch", "gba_tf.switching", "gba_tf.bin",
+                "gba_tf.sim"):
     if module == layer or module.startswith(layer + "."):
       return layer
   return "gba_tf"  # the library, with its data/ and models/
@@ -53,8 +56,9 @@ _ALLOWED = {
     "gba_tf": {"gba_tf"},
     "gba_tf.switching": {"gba_tf", "gba_tf.switching"},
     "gba_tf.launch": {"gba_tf", "gba_tf.switching", "gba_tf.launch"},
+    "gba_tf.sim": {"gba_tf", "gba_tf.sim"},
     "gba_tf.bin": {"gba_tf", "gba_tf.switching", "gba_tf.launch",
-                   "gba_tf.bin"},
+                   "gba_tf.bin", "gba_tf.sim"},
 }
 
 
@@ -76,7 +80,7 @@ class LayoutTest(tf.test.TestCase):
     # The walk finds the three layers (an empty walk would pass vacuously).
     self.assertContainsSubset(
         {"gba_tf.strategy", "gba_tf.switching.monitor",
-         "gba_tf.launch.job", "gba_tf.bin.train"},
+         "gba_tf.launch.job", "gba_tf.bin.train", "gba_tf.sim.engine"},
         {m for m, _ in modules})
     self.assertEqual(layering_violations(modules), [])
 
@@ -91,12 +95,27 @@ class LayoutTest(tf.test.TestCase):
 
   def test_pure_switching_modules_import_no_tensorflow(self):
     # The monitor and the decision are shared with anything that is not a
-    # TF process (the simulator, a controller): no TensorFlow, no numpy.
+    # TF process (a controller): no TensorFlow, no numpy.
     for name in ("monitor", "decision"):
       path = os.path.join(_PACKAGE, "switching", f"{name}.py")
       heavy = {n for n in imports_of(path)
                if n.split(".")[0] in ("tensorflow", "tf_keras", "numpy")}
       self.assertEqual(heavy, set(), name)
+
+  def test_policy_rules_and_the_simulator_import_no_tensorflow(self):
+    # The rules the runtime and the simulator share are numpy; the
+    # simulator runs them without building one TF op.
+    paths = [os.path.join(_PACKAGE, name) for name in
+             ("schedule.py", "staleness.py", "config.py")]
+    paths += [os.path.join(_PACKAGE, "sim", name) for name in
+              ("engine.py", "timing.py", "accuracy.py", "calibration.py")]
+    for path in paths:
+      heavy = {n for n in imports_of(path)
+               if n.split(".")[0] in ("tensorflow", "tf_keras")}
+      self.assertEqual(heavy, set(), path)
+    # The runtime reads its rules from the same module.
+    self.assertIn("gba_tf.schedule", imports_of(
+        os.path.join(_PACKAGE, "accumulator.py")))
 
 
 if __name__ == "__main__":

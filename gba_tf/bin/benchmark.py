@@ -219,6 +219,10 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile):
       "test_auc": result["test_auc"], "test_logloss": result["test_logloss"],
       "best_auc": result["best_auc"], "curve": result["curve"],
       "staleness_histogram": gba["staleness_histogram"] if gba else None,
+      # Seconds from token read to push, per worker: what the simulator's
+      # calibration (gba_tf.sim.calibration) reads as each worker's compute.
+      "worker_mean_step_seconds": (gba["worker_mean_step_seconds"] if gba
+                                   else None),
       "gba_counters": {k: v for k, v in gba.items()
                        if not isinstance(v, list)} if gba else None,
       "args": train_args, "config": config, "log": log_path,

@@ -156,10 +156,10 @@ class Job:
       batch, per_step, total = c.global_batch_size, 1, c.train_steps
     else:
       batch, per_step = c.local_batch_size, c.num_aggregate
-      total = c.train_steps * c.local_steps_per_step
+      total = c.train_steps * c.local_batches_per_global_batch
     done = restored * per_step
     steps_per_epoch = c.steps_per_loop * (1 if sync else
-                                          c.local_steps_per_step)
+                                          c.local_batches_per_global_batch)
     remaining = total - done
     _log(f"[job] mode={c.mode} workers={c.num_workers} ps={c.num_ps} "
          f"global_batch={c.global_batch_size} "
@@ -176,7 +176,7 @@ class Job:
     if remaining > 0:
       epochs = math.ceil(remaining / steps_per_epoch)
       health_cb = self._health_callback(
-          strategy, sync, 1 if sync else c.local_steps_per_step)
+          strategy, sync, 1 if sync else c.local_batches_per_global_batch)
       callbacks = []
       if c.checkpoint_every_loop:
         # Every loop lands in ckpt/: rerunning a preempted command, or the

@@ -66,13 +66,15 @@ class JobConfig:
     return self.gba.local_batch_size
 
   @property
-  def local_steps_per_step(self) -> int:
-    """Local batches in one synchronous global batch."""
+  def local_batches_per_global_batch(self) -> int:
+    """Local batches in one synchronous global batch: M of the `gba`
+    preset, and how many local steps every PS mode runs per optimizer step
+    of sync (the other presets' M, `num_aggregate`, may differ)."""
     return self.global_batch_size // self.local_batch_size
 
   @property
   def num_aggregate(self) -> int:
-    """Local steps per optimizer step of this PS mode (async: 1)."""
+    """M: local gradients per optimizer step of this PS mode (async: 1)."""
     return 1 if self.mode == "async" else self.gba.num_aggregate
 
   def to_dict(self) -> Dict[str, Any]:

@@ -1,0 +1,213 @@
+"""Fits the simulator to measured local runs, and says how close it gets.
+
+A measured run is a row of `gba-benchmark`'s JSON: its mode, cluster,
+emulated compute (`--step_ms`, `--straggler`), samples/s, and for the modes
+that run on GBA's runtime the PS counters' staleness histogram and each
+worker's mean token-to-push seconds.
+
+What is taken from where (per cluster shape, e.g. 4 workers + 2 PS):
+
+* the benchmark emulates compute with a sleep in each worker's input
+  pipeline (`--step_ms`, one batch ahead, before the token read): that is
+  the simulator's `input_s`, and `--straggler=i:k` multiplies worker i's by
+  k (`input_slowdown`), not fitted;
+* the compute after the token read (forward, backward, the gradient's trip
+  to the PS): the median of the healthy GBA run's per-worker token-to-push
+  seconds, less `rpc_s`;
+* the scalar section's hold time (`serial_s`) from the push profile
+  (`scripts/profile_push.py`), the shards' costs from the CPU per local step
+  of `scripts/throughput.py`: fixed inputs, see `LOCAL_COSTS`;
+* the time per step that nothing above accounts for (the coordinator's
+  dispatch, gradients staged on the shards, CPU waits on a 2-core machine
+  running every task): fitted, one value per mode and cluster shape, so
+  that the simulated *healthy* throughput equals the measured one;
+* where that time sits, before the token read (`overhead_s`) or between
+  the gradient and its ticket (`push_s`), and the spread of compute times
+  (`sigma`): fitted once, on the reference run (the smallest cluster's
+  healthy GBA run), to its staleness histogram (`fit_shape`).
+
+Everything else is a prediction: the straggler runs' throughput, the
+other shapes' and modes' staleness histograms, compared by `compare`
+(relative throughput error, and total-variation distance between
+staleness distributions).
+
+Example:
+
+>>> tv_distance([1, 1, 0], [0, 1, 1])
+0.5
+"""
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from gba_tf.sim import engine
+from gba_tf.sim import timing
+
+# Costs measured on this machine (2 cores), inputs to every fit:
+# serial_s: mean hold time of the scalar section per visit, from the push
+#   profile (docs/results/push_profile.json: 152 us mean per section).
+# add_s, apply_s, async_apply_s: PS CPU per local step, from
+#   `scripts/throughput.py` (docs/results/throughput_4w2ps.json: 11.9 ms
+#   per local step for plain PSS, 16.9 ms for GBA, summed over 2 PS). Most of
+#   it serves the workers' variable reads, which fall inside the measured
+#   token-to-push time; what is left to a push's own PS work is taken as
+#   2 ms per add, per apply and per async apply, summed over shards.
+LOCAL_COSTS = {"rpc_s": 0.0005, "serial_s": 0.000152, "add_s": 0.002,
+               "apply_s": 0.002, "async_apply_s": 0.002}
+# Lognormal shape of the per-step compute time. Not measurable from the
+# counters (they keep means): `fit_shape` picks it from these.
+SIGMAS = (0.2, 0.35, 0.5, 0.7)
+# Share of the unexplained time placed after the token read: from these.
+PUSH_SHARES = tuple(i / 10 for i in range(11))
+# As fitted on this machine (docs/results/calibration.json: 4 workers +
+# 2 PS, healthy GBA): the simulator's defaults.
+DEFAULT_SIGMA = 0.5
+DEFAULT_PUSH_SHARE = 0.3
+
+
+def tv_distance(p: Sequence[float], q: Sequence[float]) -> float:
+  """Total-variation distance between two histograms (normalized here)."""
+  p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+  n = max(len(p), len(q))
+  p = np.pad(p, (0, n - len(p))) / p.sum()
+  q = np.pad(q, (0, n - len(q))) / q.sum()
+  return float(0.5 * np.abs(p - q).sum())
+
+
+def _parse_straggler(spec: str) -> Dict[int, float]:
+  if not spec:
+    return {}
+  out = {}
+  for part in spec.split(","):
+    index, factor = part.split(":")
+    out[int(index)] = float(factor)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+  """One measured run, from a `gba-benchmark` JSON row."""
+  condition: str
+  mode: str
+  num_workers: int
+  num_ps: int
+  local_batch_size: int
+  global_batch_size: int
+  step_ms: float
+  stragglers: Dict[int, float]
+  samples_per_s: float
+  staleness_histogram: Optional[List[int]]
+  worker_seconds: Optional[List[float]]
+
+  @classmethod
+  def from_row(cls, row) -> "Measured":
+    flags = row["config"]
+    straggler = ""
+    for arg in row["args"]:
+      if arg.startswith("--straggler="):
+        straggler = arg.split("=", 1)[1]
+    return cls(condition=row["condition"], mode=row["mode"],
+               num_workers=flags["num_workers"], num_ps=flags["num_ps"],
+               local_batch_size=flags["gba"]["local_batch_size"],
+               global_batch_size=flags["global_batch_size"],
+               step_ms=flags["step_ms"],
+               stragglers=_parse_straggler(straggler),
+               samples_per_s=row["samples_per_s"],
+               staleness_histogram=row.get("staleness_histogram"),
+               worker_seconds=row.get("worker_mean_step_seconds"))
+
+
+def healthy_compute_s(run: Measured, rpc_s: float) -> float:
+  """A healthy worker's compute: median token-to-push seconds, less rpc."""
+  healthy = [s for i, s in enumerate(run.worker_seconds)
+             if i not in run.stragglers]
+  return float(np.median(healthy)) - rpc_s
+
+
+def cluster_for(run: Measured, base_s: float, overhead_s: float,
+                sigma: float = DEFAULT_SIGMA,
+                costs: Optional[Dict[str, float]] = None,
+                push_share: float = DEFAULT_PUSH_SHARE
+                ) -> engine.ClusterModel:
+  """The simulated cluster of a measured run's shape and stragglers."""
+  costs = dict(LOCAL_COSTS, **(costs or {}))
+  compute = timing.ComputeModel(base_s, distribution="lognormal",
+                                sigma=sigma)
+  return engine.ClusterModel(
+      # A sync run has no PS; the simulated sync uses none either.
+      num_workers=run.num_workers, compute=compute,
+      num_ps=max(run.num_ps, 1),
+      local_batch_size=run.local_batch_size,
+      global_batch_size=run.global_batch_size,
+      overhead_s=overhead_s * (1.0 - push_share),
+      push_s=overhead_s * push_share,
+      # --straggler=i:k stretches the emulated step (the input sleep) only.
+      input_s=run.step_ms / 1000.0, input_slowdown=dict(run.stragglers),
+      **costs)
+
+
+def sim_mode(mode: str) -> str:
+  """The simulator's name for a benchmark mode."""
+  return {"async": "async"}.get(mode, mode)
+
+
+def fit_overhead(run: Measured, base_s: float, local_steps: int,
+                 sigma: float = DEFAULT_SIGMA, seed: int = 0,
+                 push_share: float = DEFAULT_PUSH_SHARE) -> float:
+  """`overhead_s` at which the simulated throughput matches `run`'s.
+
+  Bisection: throughput falls monotonically as the overhead grows.
+  """
+  target = run.samples_per_s / run.local_batch_size
+  low, high = 0.0, 1.0
+  for _ in range(20):
+    mid = (low + high) / 2.0
+    result = engine.simulate(sim_mode(run.mode),
+                             cluster_for(run, base_s, mid, sigma,
+                                         push_share=push_share),
+                             local_steps, seed)
+    if result.local_steps_per_s > target:
+      low = mid
+    else:
+      high = mid
+  return (low + high) / 2.0
+
+
+def compare(run: Measured, cluster: engine.ClusterModel, local_steps: int,
+            seed: int = 0) -> Dict[str, object]:
+  """Simulates `run`'s mode on `cluster`; errors against the measurement."""
+  result = engine.simulate(sim_mode(run.mode), cluster, local_steps, seed)
+  measured = run.samples_per_s / run.local_batch_size
+  out = {"condition": run.condition, "mode": run.mode,
+         "workers": run.num_workers, "ps": run.num_ps,
+         "measured_local_steps_per_s": measured,
+         "simulated_local_steps_per_s": result.local_steps_per_s,
+         "throughput_error": result.local_steps_per_s / measured - 1.0}
+  if run.staleness_histogram:
+    simulated = result.staleness_histogram(len(run.staleness_histogram))
+    out["measured_histogram"] = list(run.staleness_histogram)
+    out["simulated_histogram"] = simulated.tolist()
+    out["tv_distance"] = tv_distance(run.staleness_histogram, simulated)
+  return out
+
+
+def fit_shape(reference: Measured, base_s: float, local_steps: int,
+              seed: int = 0):
+  """(sigma, push_share, overhead_s) that best reproduce `reference`.
+
+  For each grid point the overhead is fitted to the throughput; the point
+  whose simulated staleness histogram is closest (total variation) wins.
+  """
+  best = None
+  for sigma in SIGMAS:
+    for share in PUSH_SHARES:
+      overhead = fit_overhead(reference, base_s, local_steps, sigma, seed,
+                              share)
+      cluster = cluster_for(reference, base_s, overhead, sigma,
+                            push_share=share)
+      tv = compare(reference, cluster, local_steps, seed)["tv_distance"]
+      if best is None or tv < best[0]:
+        best = (tv, sigma, share, overhead)
+  return best[1:]

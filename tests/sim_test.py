@@ -1,0 +1,273 @@
+"""The simulator against schedules derived by hand, and its shared rules."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+import gba_tf  # pylint: disable=unused-import  (TF_USE_LEGACY_KERAS first)
+from gba_tf import config as config_lib
+from gba_tf import schedule
+from gba_tf.sim import accuracy
+from gba_tf.sim import calibration
+from gba_tf.sim import engine
+from gba_tf.sim import timing
+from tests import testing_utils
+
+
+def _cluster(times, **costs):
+  """Workers with fixed compute times (no noise) and the given costs."""
+  base = min(times)
+  fixed = {i: t / base for i, t in enumerate(times) if t != base}
+  return engine.ClusterModel(
+      num_workers=len(times),
+      compute=timing.ComputeModel(base, fixed=fixed), **costs)
+
+
+class ScheduleTest(tf.test.TestCase):
+
+  def test_tickets_steps_and_window(self):
+    # M = 4: tickets 0-7 are out first (steps 0 and 1); applying step 0
+    # issues step 2's, 8-11.
+    self.assertEqual(schedule.initial_tickets(4), (0, 8))
+    self.assertEqual(schedule.refill(0, 4), (8, 12))
+    self.assertEqual(schedule.step_of(np.array([0, 3, 4, 11]), 4).tolist(),
+                     [0, 0, 1, 2])
+    self.assertEqual(schedule.parity(np.array([0, 1, 2, 7])).tolist(),
+                     [0, 1, 0, 1])
+    self.assertTrue(schedule.complete(4, 4))
+    self.assertFalse(schedule.complete(3, 4))
+
+  def test_tables_give_the_same_answers_in_numpy_and_tensorflow(self):
+    # The runtime evaluates these with TF ops, the simulator with numpy:
+    # one definition, two evaluators. Threshold 2, exponential 0.5, dropped
+    # past 4: weights 1, 1, 1, 0.5, 0.25, then 0.
+    policy = config_lib.GBAConfig(global_batch_size=4, local_batch_size=1,
+                                  max_staleness=4).policy
+    tables = schedule.Tables.of(policy)
+    tau = np.array([0, 1, 2, 3, 4, 5, 9], np.int64)
+    tf_ops = schedule.Ops(tf.maximum, tf.minimum, tf.gather)
+    weight_np = tables.weight(tau, schedule.NUMPY_OPS)
+    accept_np = tables.accepts(tau, schedule.NUMPY_OPS)
+    self.assertAllClose(weight_np, [1, 1, 1, 0.5, 0.25, 0, 0])
+    self.assertAllEqual(accept_np, [1, 1, 1, 1, 1, 0, 0])
+    self.assertAllClose(tables.weight(tf.constant(tau), tf_ops), weight_np)
+    self.assertAllEqual(tables.accepts(tf.constant(tau), tf_ops), accept_np)
+    self.assertAllEqual(
+        schedule.staleness(tf.constant([3, 1]), tf.constant([1, 2]), tf_ops),
+        schedule.staleness(np.array([3, 1]), np.array([1, 2]),
+                           schedule.NUMPY_OPS))
+
+
+class EngineTest(tf.test.TestCase):
+
+  def test_two_workers_give_the_staleness_derived_by_hand(self):
+    # M = 2, no costs; worker 0 takes 1 s per step, worker 1 takes 2.7 s.
+    #   t=1    w0 token 0, ticket 0 -> step 0, tau 0
+    #   t=2    w0 token 0, ticket 1 -> step 0, tau 0; step 0 applied
+    #   t=2.7  w1 token 0, ticket 2 -> step 1, tau 1
+    #   t=3    w0 token 1, ticket 3 -> step 1, tau 0; step 1 applied
+    #   t=4,5  w0 tokens 2, 2: tickets 4, 5 -> step 2, tau 0; applied
+    #   t=5.4  w1 token 1, ticket 6 -> step 3, tau 2
+    #   t=6    w0 token 3, ticket 7 -> step 3, tau 0
+    result = engine.simulate("gba", _cluster([1.0, 2.7]), local_steps=8)
+    self.assertEqual(result.worker.tolist(), [0, 0, 1, 0, 0, 0, 1, 0])
+    self.assertEqual(result.token.tolist(), [0, 0, 0, 1, 2, 2, 1, 3])
+    self.assertEqual(result.step.tolist(), [0, 0, 1, 1, 2, 2, 3, 3])
+    self.assertEqual(result.tau.tolist(), [0, 0, 1, 0, 0, 0, 2, 0])
+
+  def test_sync_runs_at_the_slowest_workers_pace(self):
+    # Every step waits for the 0.4 s worker: 3 local steps per 0.4 s.
+    result = engine.simulate("sync", _cluster([0.1, 0.1, 0.4]), 3 * 400)
+    self.assertAllClose(result.local_steps_per_s, 3 / 0.4, rtol=1e-6)
+    self.assertEqual(int(result.tau.max()), 0)
+
+  def test_async_and_gba_without_costs_run_at_the_sum_of_speeds(self):
+    # Ideal async: 1/0.1 + 1/0.1 + 1/0.4 = 22.5 local steps/s. GBA takes a
+    # ticket only when a gradient arrives, so a slow worker holds no step
+    # back: it reaches the same.
+    cluster = _cluster([0.1, 0.1, 0.4])
+    for mode in ("async", "gba"):
+      result = engine.simulate(mode, cluster, 4000)
+      self.assertAllClose(result.local_steps_per_s, 22.5, rtol=0.01,
+                          msg=mode)
+      self.assertAllClose(result.ideal_local_steps_per_s, 22.5, rtol=1e-6)
+
+  def test_the_scalar_section_caps_gba(self):
+    # 8 workers at 10 ms, 10 ms per visit to the scalar section: each push
+    # lands once and every 8th finishes a step, 1.125 visits of 10 ms per
+    # push, so at most 1 / 0.01125 = 88.9 pushes/s (ideal: 800).
+    result = engine.simulate("gba", _cluster([0.01] * 8, serial_s=0.01),
+                             4000)
+    self.assertAllClose(result.local_steps_per_s, 1 / 0.01125, rtol=0.02)
+    # The old design holds one lock for the whole push, adds included.
+    locked = engine.simulate(
+        "gba_lock", _cluster([0.01] * 8, serial_s=0.01, add_s=0.01), 4000)
+    self.assertAllClose(locked.local_steps_per_s, 1 / 0.02, rtol=0.02)
+
+  def test_bounded_staleness_drops_by_the_policy(self):
+    # Worker 3 is 20x slower: its gradients arrive many steps late and are
+    # dropped past max_staleness = 4; nothing else is.
+    cluster = _cluster([0.01, 0.01, 0.01, 0.2], max_staleness=4)
+    result = engine.simulate("bounded_staleness", cluster, 2000)
+    policy = cluster.gba_config("bounded_staleness").policy
+    self.assertAllEqual(result.accepted, policy.accepts(result.tau))
+    self.assertAllClose(result.weight, policy.weight(result.tau))
+    self.assertTrue(np.all(result.tau[~result.accepted] > 4))
+    self.assertGreater(int(np.sum(~result.accepted)), 0)
+    self.assertTrue(np.all(result.accepted[result.worker != 3]))
+
+  def test_every_global_step_aggregates_exactly_m(self):
+    cluster = engine.ClusterModel(
+        num_workers=8, compute=timing.ComputeModel(
+            0.05, distribution="lognormal", sigma=0.5, fixed={2: 6.0}),
+        serial_s=1e-4, add_s=2e-3, apply_s=4e-3, rpc_s=1e-3)
+    result = engine.simulate("gba", cluster, 3000)
+    counts = np.bincount(result.step[result.accepted])
+    full = counts[:result.global_steps]
+    self.assertLen(full, result.global_steps)
+    self.assertTrue(np.all(full == 8), full)
+
+  def test_bad_input_is_one_line_naming_the_value(self):
+    with self.assertRaisesRegex(ValueError, r"^Received: mode='fast'"):
+      engine.simulate("fast", _cluster([0.1]), 10)
+    with self.assertRaisesRegex(ValueError, r"^Received: local_steps=0"):
+      engine.simulate("gba", _cluster([0.1]), 0)
+    with self.assertRaisesRegex(ValueError, r"^Received: serial_s=-1"):
+      _cluster([0.1], serial_s=-1)
+    with self.assertRaisesRegex(ValueError, r"^Received: sigma=-0.1"):
+      timing.ComputeModel(0.1, sigma=-0.1)
+
+
+class TimingTest(tf.test.TestCase):
+
+  def test_episodes_slow_a_worker_for_the_time_they_last(self):
+    model = timing.ComputeModel(0.1, episode_rate_per_hour=4.0,
+                                episode_min_s=60, episode_max_s=600)
+    clock = model.clocks(1, seed=3)[0]
+    grid = np.arange(0, 200 * 3600.0, 10.0)
+    factors = np.array([clock.slowdown(t) for t in grid])
+    slow = factors > 1
+    self.assertTrue(np.all((factors[slow] >= 2) & (factors[slow] <= 10)))
+    # Share of time slowed: rate * mean length / (1 + rate * mean length),
+    # mean length (600 - 60) / ln(10) = 234.5 s -> 0.2067.
+    self.assertAllClose(slow.mean(), 0.2067, atol=0.03)
+    self.assertAllClose(factors.mean(), model.mean_slowdown(), atol=0.15)
+
+
+class AccuracyTest(tf.test.TestCase):
+
+  def test_gba_in_lock_step_trains_exactly_as_sync(self):
+    # Equal workers, no costs: every GBA gradient has tau = 0 and step s
+    # holds pushes s*M .. s*M + M - 1, the batches sync's step s uses.
+    cluster = _cluster([0.1] * 4)
+    problem = accuracy.Problem(num_features=8)
+    gba = engine.simulate("gba", cluster, 400)
+    sync = engine.simulate("sync", cluster, 400)
+    self.assertEqual(int(gba.tau.max()), 0)
+    a = accuracy.train(gba, problem, 1.0)
+    b = accuracy.train(sync, problem, 1.0)
+    self.assertEqual(a["global_steps"], 100)
+    self.assertEqual(a["auc"], b["auc"])
+    self.assertEqual(a["logloss"], b["logloss"])
+    # Async applies the same gradients one by one, on stale versions: not
+    # the same model (the comparison can fail).
+    c = accuracy.train(engine.simulate("async", cluster, 400), problem, 1.0)
+    self.assertNotEqual(c["logloss"], b["logloss"])
+
+  def test_training_approaches_the_known_best_auc(self):
+    problem = accuracy.Problem(num_features=8)
+    out = accuracy.train(engine.simulate("sync", _cluster([0.1] * 4), 2000),
+                         problem, 1.0)
+    self.assertGreater(out["auc"], out["best_auc"] - 0.01)
+
+
+class CalibrationTest(tf.test.TestCase):
+
+  def test_tv_distance_by_hand(self):
+    # p = (0.5, 0.5, 0), q = (0, 0.5, 0.5): half of |p - q| summed = 0.5.
+    self.assertAllClose(calibration.tv_distance([1, 1, 0], [0, 1, 1]), 0.5)
+    self.assertAllClose(calibration.tv_distance([3, 1], [6, 2, 0]), 0.0)
+
+  def test_fit_recovers_a_known_overhead(self):
+    run = calibration.Measured(
+        condition="healthy", mode="gba", num_workers=4, num_ps=2,
+        local_batch_size=256, global_batch_size=1024, step_ms=50.0,
+        stragglers={}, samples_per_s=0.0, staleness_histogram=None,
+        worker_seconds=[0.06] * 4)
+    truth = engine.simulate("gba", calibration.cluster_for(run, 0.06, 0.02),
+                            800)
+    run = calibration.Measured(**dict(
+        vars(run), samples_per_s=truth.samples_per_s))
+    self.assertAllClose(calibration.fit_overhead(run, 0.06, 800), 0.02,
+                        atol=5e-4)
+
+  def test_a_straggler_stretches_only_the_emulated_step(self):
+    # --straggler=1:4 slows worker 1's input sleep (50 ms -> 200 ms), not
+    # its compute after the token read, which the counters measure.
+    run = calibration.Measured(
+        condition="straggler", mode="gba", num_workers=2, num_ps=1,
+        local_batch_size=8, global_batch_size=16, step_ms=50.0,
+        stragglers={1: 4.0}, samples_per_s=1.0, staleness_histogram=None,
+        worker_seconds=None)
+    cluster = calibration.cluster_for(run, 0.03, 0.0)
+    self.assertEqual(cluster.compute.fixed, {})
+    self.assertAllClose([cluster.input_time(0), cluster.input_time(1)],
+                        [0.05, 0.2])
+
+
+class InputPipelineTest(tf.test.TestCase):
+
+  def test_a_slow_input_pipeline_sets_the_pace_one_batch_ahead(self):
+    # Compute 30 ms after the token read, input 50 ms (worker 0) and 200 ms
+    # (worker 1) per batch, one batch ahead: each worker delivers at the
+    # slower of the two, 1/0.05 + 1/0.2 = 25 local steps/s without costs,
+    # and the token-to-push time stays the compute's 30 ms.
+    cluster = engine.ClusterModel(
+        num_workers=2, compute=timing.ComputeModel(0.03), input_s=0.05,
+        input_slowdown={1: 4.0})
+    result = engine.simulate("async", cluster, 4000)
+    self.assertAllClose(result.local_steps_per_s, 25.0, rtol=0.01)
+    self.assertAllClose(result.ideal_local_steps_per_s, 25.0, rtol=1e-6)
+    sync = engine.simulate("sync", cluster, 2000)
+    # Sync: every step waits for worker 1's 200 ms batch.
+    self.assertAllClose(sync.local_steps_per_s, 2 / 0.2, rtol=0.01)
+
+
+class SimulateBinaryTest(tf.test.TestCase):
+
+  def test_sweep_writes_json_and_png(self):
+    out = self.get_temp_dir()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                      "simulate.py"),
+         "--workers=8,64", "--modes=sync,async,gba", f"--out_dir={out}",
+         "--local_steps_per_worker=20"],
+        capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    with open(os.path.join(out, "simulation.json")) as f:
+      data = json.load(f)
+    rows = {(r["num_workers"], r["mode"]): r for r in data["rows"]}
+    self.assertLen(rows, 6)
+    for n in (8, 64):
+      self.assertEqual(rows[(n, "sync")]["staleness_max"], 0)
+      self.assertGreater(rows[(n, "async")]["staleness_p50"], 0)
+      self.assertIn("test_auc", rows[(n, "gba")])
+    self.assertTrue(os.path.getsize(os.path.join(out, "simulation.png")))
+
+  def test_bad_flag_is_one_line(self):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                      "simulate.py"), "--workers=8,x"],
+        capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 2)
+    self.assertEqual(proc.stderr.strip().splitlines()[-1],
+                     "simulate.py: error: Received: --workers=8,x, which "
+                     "must be positive integers.")
+
+
+if __name__ == "__main__":
+  tf.test.main()
