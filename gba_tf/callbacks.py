@@ -1,8 +1,18 @@
-"""Keras callbacks for GBA training."""
+"""Keras callbacks the library offers for GBA training.
+
+* `GBAMetrics`: the PS counters in every epoch's logs and in TensorBoard.
+* `SaveEveryLoop`: a checkpoint through a `checkpoints.CheckpointManager`
+  at the end of every loop.
+
+(The switching layer's `HealthCallback` is in `gba_tf.switching`; the
+training job's own progress callbacks in `gba_tf.launch.job_progress`.)
+"""
 
 from typing import Optional
 
 import tensorflow as tf
+
+from gba_tf import checkpoints
 
 # Counters reported as scalars; lists (histogram, per worker) go to
 # TensorBoard only, where they have a natural form.
@@ -62,3 +72,21 @@ class GBAMetrics(tf.keras.callbacks.Callback):
         tf.summary.scalar(f"gba/worker_{i}/pushed", pushed)
         tf.summary.scalar(f"gba/worker_{i}/mean_step_seconds", secs)
     self._writer.flush()
+
+
+class SaveEveryLoop(tf.keras.callbacks.Callback):
+  """Saves through a `CheckpointManager` at the end of every Keras epoch.
+
+  An epoch is one loop of `steps_per_epoch` steps; rerunning a preempted
+  job restores the last one with `checkpoints.restore_latest`, so at most
+  one loop of work is lost. Every MultiWorkerMirroredStrategy worker runs it (the
+  manager's `is_chief` decides who keeps the files).
+  """
+
+  def __init__(self, manager: checkpoints.CheckpointManager, optimizer):
+    super().__init__()
+    self.manager = manager
+    self._optimizer = optimizer
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.manager.save(int(self._optimizer.iterations.numpy()))

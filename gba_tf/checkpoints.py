@@ -173,24 +173,6 @@ class CheckpointManager:
     return path
 
 
-class SaveEveryLoop(tf.keras.callbacks.Callback):
-  """Saves through a `CheckpointManager` at the end of every Keras epoch.
-
-  An epoch is one loop of `steps_per_epoch` steps; rerunning a preempted
-  job restores the last one with `restore_latest`, so at most one loop of
-  work is lost. Every MultiWorkerMirroredStrategy worker runs it (the
-  manager's `is_chief` decides who keeps the files).
-  """
-
-  def __init__(self, manager: CheckpointManager, optimizer):
-    super().__init__()
-    self.manager = manager
-    self._optimizer = optimizer
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.manager.save(int(self._optimizer.iterations.numpy()))
-
-
 def save(directory: str, model, optimizer, is_chief: bool = True) -> str:
   """Writes one checkpoint numbered by `optimizer.iterations`; returns it.
 

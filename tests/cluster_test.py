@@ -44,12 +44,13 @@ class LocalClusterTest(tf.test.TestCase):
     self.assertEqual(m["pushed"], m["applied"] + m["dropped"] + m["pending"])
     self.assertEqual(summary["optimizer_iterations"], m["global_steps"])
     self.assertEqual(m["applied"], 2 * m["global_steps"])
-    # The fast worker delivers more gradients than the straggler, and the
-    # straggler's gradients are the stale ones.
+    # The fast worker delivers more gradients than the straggler (what the
+    # health monitor reads in GBA), and the straggler's gradients are the
+    # stale ones. (Not its token-to-push seconds: the emulated slowdown sits
+    # in the input pipeline, which TF may run before or after the token
+    # read, so that time shows the slowdown in some runs and not others.)
     fast, slow = m["worker_pushed"]
     self.assertGreater(fast, 2 * slow)
-    self.assertGreater(m["worker_mean_step_seconds"][1],
-                       2 * m["worker_mean_step_seconds"][0])
     self.assertGreater(sum(m["staleness_histogram"][1:]), 0)
     self.assertGreater(summary["test_auc"], 0.5)
 

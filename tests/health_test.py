@@ -137,11 +137,13 @@ class GBALatencySourceTest(tf.test.TestCase):
 
   def test_windows_close_on_completed_pushes(self):
     reads = iter([
-        # (worker_pushed, worker_compute_seconds) cumulative, clock
+        # (worker_pushed, worker_compute_seconds) cumulative, clock. Worker
+        # 1's token-to-push time is short: it is slow before its token read
+        # (its input), which only its push count shows.
         (([0, 0], [0.0, 0.0]), 10.0),   # opens the window
         (([3, 0], [0.06, 0.0]), 10.1),  # 3 pushes < 4: still open
-        (([6, 1], [0.12, 0.08]), 10.2),  # 7 pushes: closes
-        (([10, 1], [0.20, 0.08]), 10.5),  # w1 pushed nothing: gets 0.3 s
+        (([6, 1], [0.12, 0.02]), 10.2),  # 7 pushes: closes
+        (([10, 1], [0.20, 0.02]), 10.5),  # w1 pushed nothing: gets 0.3 s
     ])
     current = {}
 
@@ -154,10 +156,11 @@ class GBALatencySourceTest(tf.test.TestCase):
                                      window_pushes=4)
     self.assertIsNone(source.poll())
     self.assertIsNone(source.poll())
-    # w0: 0.12 s / 6 = 0.02; w1: 0.08 s / 1 = 0.08.
-    self.assertAllClose(source.poll(), (0.02, 0.08))
-    # w0: 0.08 / 4 = 0.02; w1: no push, the window's 10.5 - 10.2 = 0.3 s.
-    self.assertAllClose(source.poll(), (0.02, 0.3))
+    # The window lasted 10.2 - 10.0 = 0.2 s: w0 0.2 / 6 = 0.0333 s per
+    # step, w1 0.2 / 1 = 0.2 (its 0.02 s token-to-push would hide it).
+    self.assertAllClose(source.poll(), (0.2 / 6, 0.2))
+    # 0.3 s: w0 0.3 / 4 = 0.075; w1 no push, the window's 0.3 s.
+    self.assertAllClose(source.poll(), (0.075, 0.3))
 
 
 def _sync_logs(w0, w1):

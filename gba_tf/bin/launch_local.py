@@ -90,9 +90,9 @@ def define_flags():
   gba_flags.define_flags()
   flags.DEFINE_bool(
       "restart_tasks", True,
-      "In gba / async phases, restart a worker or PS that dies, as "
-      "Kubernetes would; a lost PS makes the chief resume from the last "
-      "checkpoint. --norestart_tasks leaves dead workers down.")
+      "In gba / async phases, restart a worker that dies, as Kubernetes "
+      "would. --norestart_tasks leaves dead workers down. Either way a lost "
+      "PS makes the chief resume from the last checkpoint in a new phase.")
 
 
 def run() -> None:

@@ -181,7 +181,7 @@ class Job:
       if c.checkpoint_every_loop:
         # Every loop lands in ckpt/: rerunning a preempted command, or the
         # launcher's restart after a PS failure, resumes from the last one.
-        callbacks.append(checkpoints.SaveEveryLoop(manager, optimizer))
+        callbacks.append(gba_callbacks.SaveEveryLoop(manager, optimizer))
       callbacks.append(job_progress.StopAfterBatches(remaining, steps_per_epoch))
       if health_cb is not None:
         callbacks.append(health_cb)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Dict, List, Optional, TextIO, Tuple
 
 from gba_tf import switching
 from gba_tf.launch import loopback
@@ -51,13 +51,18 @@ _PEER_EXIT_GRACE_S = 30.0
 _POLL_S = 0.1
 # More phases than this means the job is flapping between modes.
 _MAX_PHASES = 20
-# A dead worker or PS server is restarted, as Kubernetes would (restartPolicy
-# OnFailure), after this delay: long enough for the chief to notice a lost
-# PS before a fresh, empty one answers on the same port.
-_RESTART_DELAY_S = {"worker": 1.0, "ps": 5.0}
-# Per task and phase; past it the task stays down (workers) or the job
-# fails (PS).
+# A dead worker server is restarted, as Kubernetes would (restartPolicy
+# OnFailure), after this back-off; ClusterCoordinator re-admits it.
+_WORKER_RESTART_DELAY_S = 1.0
+# Per worker and phase; past it the worker stays down.
 _MAX_TASK_RESTARTS = 5
+# A dead PS is not restarted within its phase: the chief must see it gone
+# (UnavailableError), exit with EXIT_RESUME, and the next phase starts a
+# fresh PS. Restarting it in place, after any fixed delay, races the chief:
+# a fresh, empty PS answering on the same port turns the chief's error
+# into one it does not recognize as a lost PS. Past this grace after a PS
+# died, a chief that has not exited fails the phase.
+_PS_LOSS_GRACE_S = 180.0
 # Phases restarted from the last checkpoint after a PS failure, per job.
 _MAX_RESUMES = 3
 
@@ -85,9 +90,9 @@ class LocalLauncher:
     env: extra environment variables for the tasks.
     script: a training script every task runs by path, instead of the
       `gba_tf.bin.train` module (None, the default).
-    restart_tasks: in gba / async phases, restart a worker or PS server that
-      dies (a PS restart makes the chief resume from the last checkpoint);
-      False leaves dead workers down.
+    restart_tasks: in gba / async phases, restart a worker server that
+      dies; False leaves dead workers down. A dead PS makes the chief resume
+      from the last checkpoint in a new phase, either way.
   """
 
   def __init__(self, train_args: List[str], workers: int, ps: int,
@@ -116,6 +121,7 @@ class LocalLauncher:
     self._spec: Dict[str, List[str]] = {}
     self._args: List[str] = []
     self._due: Dict[str, float] = {}
+    self._ps_lost: Optional[Tuple[str, float]] = None
     self._threads: List[threading.Thread] = []
     self._lock = threading.Lock()
 
@@ -169,6 +175,7 @@ class LocalLauncher:
     if self.straggler_until:
       self._args.append(f"--straggler_until={self.straggler_until}")
     self._due = {}
+    self._ps_lost = None
     # Servers first, so the coordinator finds them listening.
     for job in ("ps", "worker", "chief"):
       for index in range(len(self._spec.get(job, []))):
@@ -184,17 +191,20 @@ class LocalLauncher:
       if code in (0, switching.EXIT_SWITCH):
         return None
       return f"{name} exited with code {code}"
+    if job == "ps":
+      self._say(f"[launcher] {name} exited with code {code}; waiting for "
+                "the chief to resume from the last checkpoint\n")
+      self._ps_lost = (name, time.monotonic())
+      return None
     restarts = self.task_restarts.get(name, 0)
     if self.restart_tasks and restarts < _MAX_TASK_RESTARTS:
       self._say(f"[launcher] {name} exited with code {code}; restarting it "
-                f"in {_RESTART_DELAY_S[job]:.0f} s\n")
-      self._due[name] = time.monotonic() + _RESTART_DELAY_S[job]
+                f"in {_WORKER_RESTART_DELAY_S:.0f} s\n")
+      self._due[name] = time.monotonic() + _WORKER_RESTART_DELAY_S
       return None
-    if job == "worker":
-      self._say(f"[launcher] {name} exited with code {code}; training "
-                "goes on without it\n")
-      return None
-    return f"{name} exited with code {code}"
+    self._say(f"[launcher] {name} exited with code {code}; training "
+              "goes on without it\n")
+    return None
 
   def _wait(self, mode: str, chief: str) -> PhaseResult:
     start = time.monotonic()
@@ -213,6 +223,15 @@ class LocalLauncher:
           self.stop()
           return PhaseResult(mode, proc.returncode or 1,
                              time.monotonic() - start, failed_task=name)
+      if (self._ps_lost is not None and
+          time.monotonic() - self._ps_lost[1] > _PS_LOSS_GRACE_S):
+        name = self._ps_lost[0]
+        self._say(f"[launcher] the chief did not exit within "
+                  f"{_PS_LOSS_GRACE_S:.0f} s of losing {name}; stopping the "
+                  "job.\n")
+        self.stop()
+        return PhaseResult(mode, 1, time.monotonic() - start,
+                           failed_task=name)
       for name, due in list(self._due.items()):
         if time.monotonic() >= due:
           del self._due[name]

@@ -19,13 +19,16 @@ import tensorflow as tf
 class GBALatencySource:
   """Per-worker seconds per local step from the GBA counters, per window.
 
-  `worker_compute_seconds` (token read to push) and `worker_pushed` are
-  cumulative PS-side counters. A window closes once the workers together
-  pushed `window_pushes` more gradients: it is measured in completed work,
-  because Keras schedules closures far ahead of their execution under
-  ParameterServerStrategy. A worker's latency is its added seconds over its
-  added pushes; a worker that pushed nothing in the window gets the window's
-  length, a lower bound on its step time.
+  `worker_pushed` is a cumulative PS-side counter. A window closes once the
+  workers together pushed `window_pushes` more gradients: it is measured in
+  completed work, because Keras schedules closures far ahead of their
+  execution under ParameterServerStrategy. A worker's latency is the
+  window's length over its pushes in it: its whole step, wherever its time
+  goes. (The token-to-push seconds, `worker_compute_seconds`, miss time
+  spent before the token read, such as waiting for input: TensorFlow may
+  run the token read before or after the step's input arrives, and a worker
+  slowed in its input then looks healthy.) A worker that pushed nothing in
+  the window gets the window's length, a lower bound on its step time.
 
   Args:
     read_metrics: returns `GBAStrategy.gba_metrics()`-shaped dicts.
@@ -47,17 +50,16 @@ class GBALatencySource:
     metrics = self._read()
     now = self._clock()
     pushed = np.asarray(metrics["worker_pushed"], np.float64)
-    seconds = np.asarray(metrics["worker_compute_seconds"], np.float64)
     if self._start is None:
-      self._start = (now, pushed, seconds)
+      self._start = (now, pushed)
       return None
-    d_pushed, d_seconds = pushed - self._start[1], seconds - self._start[2]
+    d_pushed = pushed - self._start[1]
     if d_pushed.sum() < self.window_pushes:
       return None
     elapsed = now - self._start[0]
-    self._start = (now, pushed, seconds)
-    return tuple(float(s / n) if n > 0 else float(elapsed)
-                 for n, s in zip(d_pushed, d_seconds))
+    self._start = (now, pushed)
+    return tuple(float(elapsed / n) if n > 0 else float(elapsed)
+                 for n in d_pushed)
 
 
 def timed_train_step(model: tf.keras.Model, strategy) -> None:
