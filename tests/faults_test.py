@@ -121,8 +121,11 @@ class FaultsTest(tf.test.TestCase):
     last_before_kill = os.path.join(kept, os.path.basename(latest))
     self.assertEqual(job.finish(), 0, job.output[-3000:])
     self.assertIn("lost a parameter server", job.output)
-    self.assertIn("[launcher] ps:0 exited with code -9; waiting for the "
-                  "chief to resume from the last checkpoint", job.output)
+    # The PS is not restarted in place (a fresh, empty PS on the same port
+    # would race the chief's detection): the next phase starts a new one.
+    # (Whether the launcher logs the PS's exit before the chief's 76 is a
+    # race of its own and not asserted.)
+    self.assertNotIn("ps:0 exited with code -9; restarting it", job.output)
     self.assertIn("restarting the phase from the last checkpoint",
                   job.output)
     launch = _read(model_dir, "launch.json")
