@@ -5,21 +5,17 @@ the job is a fresh process (a process can only coordinate the cluster it
 first connected to), and asserts on what the job wrote.
 """
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from unittest import mock
 
 import pytest
 
 import gba_tf
 from gba_tf.launch import local_cluster
-from gba_tf.launch import tasks
 import tensorflow as tf
 
 from tests import sockets
@@ -72,31 +68,6 @@ class LocalClusterTest(tf.test.TestCase):
       cluster.kill_task("worker", 0)
       self.assertIsNotNone(cluster.processes["worker:0"].poll())
     self.assertTrue(all(p.poll() is not None for p in procs))
-
-  def test_a_port_taken_before_the_server_binds_it_is_replaced(self):
-    # pick_unused_ports releases its ports before the tasks bind them. Here
-    # another listener takes the PS's port in between: the PS cannot start,
-    # and the cluster starts again on fresh ports instead of failing.
-    testing_utils.collect_before_switching_cluster()
-    with contextlib.closing(socket.socket()) as taken:
-      taken.bind(("127.0.0.1", 0))
-      taken.listen()
-      port = taken.getsockname()[1]
-      real = tasks.pick_unused_ports
-      calls = []
-
-      def pick(count):
-        calls.append(count)
-        ports = real(count)
-        # chief, worker, ps: the last port is the PS's.
-        return ports[:-1] + [port] if len(calls) == 1 else ports
-
-      with mock.patch.object(tasks, "pick_unused_ports", pick):
-        with local_cluster.LocalCluster(num_workers=1, num_ps=1) as cluster:
-          self.assertLen(calls, 2)
-          self.assertNotEqual(cluster.spec["ps"][0], f"127.0.0.1:{port}")
-          self.assertTrue(all(p.poll() is None
-                              for p in cluster.processes.values()))
 
   def test_local_cluster_servers_die_with_a_killed_parent(self):
     # A test process that segfaults or is SIGKILLed runs no atexit; its

@@ -36,22 +36,6 @@ from gba_tf.launch import tasks
 
 # How long a child task may take to start its server before we give up.
 _STARTUP_TIMEOUT_S = 60.0
-# Starts on fresh ports after a task found its port taken.
-_START_ATTEMPTS = 3
-
-
-class _PortTaken(RuntimeError):
-  """A task exited before listening, and its port is in use by another."""
-
-
-def _in_use(port: int) -> bool:
-  """Whether something else holds `port` on loopback (we cannot bind it)."""
-  with contextlib.closing(socket.socket()) as s:
-    try:
-      s.bind(("127.0.0.1", port))
-    except OSError:
-      return True
-  return False
 
 
 class InProcessCluster:
@@ -123,30 +107,20 @@ class LocalCluster:
   def __init__(self, num_workers: int = 2, num_ps: int = 1,
                env: Optional[Dict[str, str]] = None,
                log_dir: Optional[str] = None):
+    self.spec = tasks.make_cluster_spec(num_workers, num_ps, num_chief=1)
     self._env = dict(env or {})
     self._log_dir = log_dir
     self.processes: Dict[str, subprocess.Popen] = {}
     self._logs = []
     atexit.register(self.stop)
-    # `pick_unused_ports` releases its ports before the tasks bind them;
-    # another process can take one in between. A task then fails to start
-    # its server: start again on fresh ports.
-    for attempt in range(_START_ATTEMPTS):
-      self.spec = tasks.make_cluster_spec(num_workers, num_ps, num_chief=1)
-      try:
-        for job in ("ps", "worker"):
-          for index in range(len(self.spec[job])):
-            self.start_task(job, index)
-        self._wait_until_listening()
-        return
-      except _PortTaken:
-        self.stop()
-        self.processes = {}
-        if attempt + 1 == _START_ATTEMPTS:
-          raise
-      except BaseException:
-        self.stop()
-        raise
+    try:
+      for job in ("ps", "worker"):
+        for index in range(len(self.spec[job])):
+          self.start_task(job, index)
+      self._wait_until_listening()
+    except BaseException:
+      self.stop()
+      raise
 
   def tf_config(self, task_type: str, task_index: int) -> str:
     return tasks.tf_config_json(self.spec, task_type, task_index)
@@ -183,10 +157,8 @@ class LocalCluster:
         while True:
           proc = self.processes[f"{job}:{index}"]
           if proc.poll() is not None:
-            error = (_PortTaken if _in_use(port) else RuntimeError)
-            raise error(f"Task {job}:{index} exited with code "
-                        f"{proc.returncode} before listening on port "
-                        f"{port}.")
+            raise RuntimeError(f"Task {job}:{index} exited with code "
+                               f"{proc.returncode} before listening.")
           with contextlib.closing(socket.socket()) as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
               break
