@@ -200,7 +200,6 @@ class GradientAggregator:
                counters: counters_lib.GBACounters, device: str):
     self._extended = extended
     self.num_aggregate = num_aggregate
-    self.policy = policy
     self.tokens = tokens
     self.counters = counters
     self._slots: Dict[int, Tuple[_Slot, Any]] = {}

@@ -155,9 +155,10 @@ def sweep():
       raise ValueError(f"Received: --modes={mode}, which is not one of "
                        f"{engine.MODES}.")
   problem = accuracy.Problem(seed=FLAGS.seed)
-  rows = []
+  rows, bottleneck = [], {}
   for n in workers:
     cluster = cluster_of(n)
+    bottleneck[n] = serial_bottleneck_workers(cluster)
     steps = min(n * FLAGS.local_steps_per_worker, FLAGS.max_local_steps)
     for mode in FLAGS.modes:
       start = time.perf_counter()
@@ -180,7 +181,6 @@ def sweep():
             f"{row['decayed_fraction']:.3f}"
             + (f", AUC {row['test_auc']:.4f}" if "test_auc" in row else "")
             + f" ({row['seconds']:.1f} s)", flush=True)
-  bottleneck = {n: serial_bottleneck_workers(cluster_of(n)) for n in workers}
   return {"rows": rows, "serial_bottleneck_workers": bottleneck}
 
 

@@ -148,11 +148,6 @@ def cluster_for(run: Measured, base_s: float, overhead_s: float,
       **costs)
 
 
-def sim_mode(mode: str) -> str:
-  """The simulator's name for a benchmark mode."""
-  return {"async": "async"}.get(mode, mode)
-
-
 def fit_overhead(run: Measured, base_s: float, local_steps: int,
                  sigma: float = DEFAULT_SIGMA, seed: int = 0,
                  push_share: float = DEFAULT_PUSH_SHARE) -> float:
@@ -164,7 +159,7 @@ def fit_overhead(run: Measured, base_s: float, local_steps: int,
   low, high = 0.0, 1.0
   for _ in range(20):
     mid = (low + high) / 2.0
-    result = engine.simulate(sim_mode(run.mode),
+    result = engine.simulate(run.mode,
                              cluster_for(run, base_s, mid, sigma,
                                          push_share=push_share),
                              local_steps, seed)
@@ -178,7 +173,7 @@ def fit_overhead(run: Measured, base_s: float, local_steps: int,
 def compare(run: Measured, cluster: engine.ClusterModel, local_steps: int,
             seed: int = 0) -> Dict[str, object]:
   """Simulates `run`'s mode on `cluster`; errors against the measurement."""
-  result = engine.simulate(sim_mode(run.mode), cluster, local_steps, seed)
+  result = engine.simulate(run.mode, cluster, local_steps, seed)
   measured = run.samples_per_s / run.local_batch_size
   out = {"condition": run.condition, "mode": run.mode,
          "workers": run.num_workers, "ps": run.num_ps,
