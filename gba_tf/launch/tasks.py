@@ -15,11 +15,13 @@
 import dataclasses
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -32,6 +34,13 @@ from gba_tf.launch import loopback
 _HOST = "127.0.0.1"
 # Grace period between SIGTERM and SIGKILL when tearing a cluster down.
 _TERMINATE_GRACE_S = 5.0
+# Ports for local clusters (`pick_unused_ports`): above the registered
+# services most machines run, outside the kernel's ephemeral range.
+_MIN_PORT = 10000
+# How long a picked port stays reserved for its tasks to bind it. Start-up
+# takes seconds; a launcher restarting a task later reuses a port its
+# cluster already owns.
+_PORT_RESERVATION_S = 600.0
 
 
 TASK_TYPES = ("chief", "worker", "ps")
@@ -142,19 +151,91 @@ def parse_tf_config(text: Optional[str], mode: str) -> TaskConfig:
   return TaskConfig(cluster, task_type, task_index)
 
 
-def pick_unused_ports(count: int) -> List[int]:
-  """Ports that were free a moment ago (bound to port 0, then released)."""
-  sockets, ports = [], []
+def _ephemeral_range() -> Tuple[int, int]:
+  """The kernel's range for the local ports of outgoing connections."""
   try:
-    for _ in range(count):
-      s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-      s.bind(("127.0.0.1", 0))
-      sockets.append(s)
-      ports.append(s.getsockname()[1])
-  finally:
-    for s in sockets:
-      s.close()
-  return ports
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+      low, high = (int(x) for x in f.read().split())
+    return low, high
+  except (OSError, ValueError):
+    return 32768, 60999  # Linux's default.
+
+
+def _reservation_dir() -> str:
+  path = os.path.join(tempfile.gettempdir(), f"gba_tf_ports-{os.getuid()}")
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def _reserve(port: int, directory: str) -> bool:
+  """Claims `port` for this machine's pickers for `_PORT_RESERVATION_S`."""
+  path = os.path.join(directory, str(port))
+  try:
+    if time.time() - os.path.getmtime(path) > _PORT_RESERVATION_S:
+      os.unlink(path)  # Stale: its tasks bound it long ago, or never will.
+  except OSError:
+    pass
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    return False
+  os.write(fd, str(os.getpid()).encode())
+  os.close(fd)
+  return True
+
+
+def _is_free(port: int) -> bool:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind((_HOST, port))
+    except OSError:
+      return False
+  return True
+
+
+def pick_unused_ports(count: int, rng: Optional[random.Random] = None
+                      ) -> List[int]:
+  """`count` distinct ports for tasks that will listen on them shortly.
+
+  The tasks bind their ports seconds after this returns (TF needs every
+  address in the cluster spec before any server starts), so a port must
+  stay free in between. Two things could take it, and both are ruled out:
+  * an outgoing connection of any process on this machine: the kernel gives
+    those a local port from its ephemeral range, and the ports here come
+    from outside that range (so not from binding port 0, which would draw
+    from it);
+  * another cluster started at the same time, by a test or a second job:
+    each port is reserved with a file created exclusively (`O_EXCL`) in a
+    per-user directory, which every picker honours for
+    `_PORT_RESERVATION_S`.
+  What remains is a server of another program binding the same fixed port
+  in that window.
+
+  Args:
+    count: how many ports.
+    rng: the random source; tests pass a seeded one.
+  """
+  rng = rng or random.SystemRandom()
+  low, high = _ephemeral_range()
+  candidates = [(_MIN_PORT, low - 1), (high + 1, 65535)]
+  candidates = [(a, b) for a, b in candidates if a <= b]
+  total = sum(b - a + 1 for a, b in candidates)
+  directory = _reservation_dir()
+  ports: List[int] = []
+  for _ in range(100 * count + 1000):
+    if len(ports) == count:
+      return ports
+    k = rng.randrange(total)
+    for a, b in candidates:
+      if k <= b - a:
+        port = a + k
+        break
+      k -= b - a + 1
+    if port in ports or not _is_free(port) or not _reserve(port, directory):
+      continue
+    ports.append(port)
+  raise RuntimeError(f"Found only {len(ports)} free ports of the {count} "
+                     "asked for outside the ephemeral range.")
 
 
 def make_cluster_spec(num_workers: int, num_ps: int,
