@@ -76,7 +76,7 @@ def _cpu_by_role(cluster) -> dict:
 def run_once(mode, cluster, data, ids, labels, config):
   strategy = _strategy(mode, cluster.resolver(), config, FLAGS.ps)
   with strategy.scope():
-    model = models.embedding_mlp(data.num_fields, data.vocab_size)
+    model = models.MODELS[FLAGS.model](data.num_fields, data.vocab_size)
     model.compile(tf.keras.optimizers.Adagrad(0.05),
                   tf.keras.losses.BinaryCrossentropy(from_logits=True))
 
@@ -157,7 +157,7 @@ def main(argv):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump({"flags": {k: FLAGS[k].value for k in (
-        "workers", "ps", "local_batch_size", "steps", "warmup_steps",
+        "workers", "ps", "model", "local_batch_size", "steps", "warmup_steps",
         "repeats", "step_ms", "straggler")},
                "global_batch_size": config.global_batch_size, "summary": summary,
                "runs": rows}, f, indent=2)
