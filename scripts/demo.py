@@ -59,13 +59,15 @@ def _copy_to_local(model, data):
 def main(argv):
   del argv
   config = job_config.gba_config_from_flags()
-  slow_worker, slowdown = gba_flags.parse_straggler(FLAGS.straggler)
+  stragglers = gba_flags.parse_straggler(FLAGS.straggler)
+  slow = ", ".join(f"worker {i} at 1/{k:g} speed"
+                   for i, k in sorted(stragglers.items())) or "no straggler"
   data = synthetic.SyntheticCTR()
   train_ids, train_labels = data.sample(
       FLAGS.epochs * FLAGS.steps_per_epoch * FLAGS.local_batch_size, seed=1)
   test_ids, test_labels = data.sample(20_000, seed=3)
   print(f"GBA demo: {FLAGS.workers} workers + {FLAGS.ps} PS on localhost; "
-        f"worker {slow_worker} at 1/{slowdown:g} speed; "
+        f"{slow}; "
         f"M = {config.num_aggregate} local batches of "
         f"{config.local_batch_size} per optimizer step.", flush=True)
 
@@ -81,7 +83,7 @@ def main(argv):
 
     dataset_fn = synthetic.dataset_fn(
         train_ids, train_labels, FLAGS.local_batch_size, FLAGS.step_ms,
-        slow_worker, slowdown, shuffle_seed=0)
+        stragglers, shuffle_seed=0)
 
     start = time.perf_counter()
     history = model.fit(
@@ -99,7 +101,7 @@ def main(argv):
   summary = {
       "config": config.get_config(),
       "workers": FLAGS.workers, "ps": FLAGS.ps,
-      "straggler": slow_worker, "slowdown": slowdown,
+      "straggler": FLAGS.straggler,
       "seconds": seconds, "local_steps": local_steps,
       "samples_per_s": local_steps * FLAGS.local_batch_size / seconds,
       "loss": history.history["loss"],
@@ -124,7 +126,7 @@ def main(argv):
         " ".join(f"{t}:{n}" for t, n in enumerate(hist[:last + 1])))
   for i, (n, s) in enumerate(zip(metrics["worker_pushed"],
                                  metrics["worker_mean_step_seconds"])):
-    tag = "  <- straggler" if i == slow_worker else ""
+    tag = "  <- straggler" if i in stragglers else ""
     print(f"worker {i}             {n:5d} gradients, "
           f"{1000 * s:6.1f} ms token-to-push{tag}")
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)

@@ -59,7 +59,7 @@ def main(argv):
                     tf.keras.losses.BinaryCrossentropy(from_logits=True))
     dataset_fn = synthetic.dataset_fn(ids, labels, FLAGS.local_batch_size,
                                       FLAGS.step_ms,
-                                      *gba_flags.parse_straggler(
+                                      gba_flags.parse_straggler(
                                           FLAGS.straggler))
     creator = tf.keras.utils.experimental.DatasetCreator(dataset_fn)
     model.fit(creator, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0)

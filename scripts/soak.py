@@ -45,7 +45,12 @@ def define_flags():
   flags.DEFINE_bool("backup", True, "Checkpoint every loop (200 steps), "
                     "as a production job would.")
   flags.DEFINE_integer("straggler_period", 60,
-                       "Seconds between two draws of the slow worker.")
+                       "Seconds between two draws of the slow workers.")
+  flags.DEFINE_string("straggler", "0:4",
+                      "Slowdowns of the moving stragglers, INDEX:SLOWDOWN "
+                      "[,...] (e.g. 0:3,1:6: two, at 1/3 and 1/6 speed); "
+                      "each period they fall on consecutive workers from "
+                      "one drawn from the clock.")
   flags.DEFINE_float("sample_seconds", 10.0, "Memory sampling interval.")
   flags.DEFINE_string("out_dir", os.path.join(_ROOT, "results"),
                       "Where soak.json and soak_memory.png go.")
@@ -67,7 +72,7 @@ def main(argv):
   model_dir = tempfile.mkdtemp(prefix="gba_soak_")
   cmd = [sys.executable, os.path.join(_ROOT, "scripts", "launch_local.py"),
          f"--flagfile={os.path.join(_ROOT, 'configs', 'benchmark.cfg')}",
-         f"--mode={FLAGS.mode}", "--straggler=0:4",
+         f"--mode={FLAGS.mode}", f"--straggler={FLAGS.straggler}",
          f"--straggler_period={FLAGS.straggler_period}",
          "--train_steps=100000000", "--steps_per_loop=200",
          "--eval_examples=0", f"--model_dir={model_dir}",
@@ -140,7 +145,7 @@ def main(argv):
                       "growth_mib": last - first, "max_mib": max(values),
                       "second_half_mib_per_min": _slope(half)}
   loops = epochs[-1][1] - 1 if epochs else 0
-  report = {"mode": FLAGS.mode, "minutes": FLAGS.minutes, "straggler_period": FLAGS.straggler_period,
+  report = {"mode": FLAGS.mode, "minutes": FLAGS.minutes, "straggler": FLAGS.straggler, "straggler_period": FLAGS.straggler_period,
             "ran_to_the_end": alive, "loops_completed": loops,
             "optimizer_steps": loops * 200, "samples": samples,
             "growth": growth, "accumulator": accumulator,
@@ -173,7 +178,7 @@ def main(argv):
             [s[name] for s in samples if s.get(name) is not None],
             label=name)
   ax.set_ylabel("resident memory (MiB)")
-  ax.set_title(f"{FLAGS.mode} soak: moving 1/4-speed straggler, "
+  ax.set_title(f"{FLAGS.mode} soak: moving stragglers {FLAGS.straggler}, "
                "4 workers + 2 PS")
   ax.legend(fontsize=8, ncol=2)
   ax.grid(alpha=0.3)

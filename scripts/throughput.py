@@ -82,7 +82,7 @@ def run_once(mode, cluster, data, ids, labels, config):
 
   dataset_fn = synthetic.dataset_fn(ids, labels, FLAGS.local_batch_size,
                                     FLAGS.step_ms,
-                                    *gba_flags.parse_straggler(
+                                    gba_flags.parse_straggler(
                                         FLAGS.straggler))
   creator = tf.keras.utils.experimental.DatasetCreator(dataset_fn)
   model.fit(creator, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)

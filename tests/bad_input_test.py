@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 import gba_tf
+from gba_tf import models
 from gba_tf import switching
 from gba_tf.data import movielens
 from gba_tf.data import synthetic
@@ -152,6 +153,15 @@ _CASES = [
     ("flags_straggler_out_of_range",
      lambda: _job_config("--straggler=3:4"),
      "--straggler=3:4, but there are only 2 workers"),
+    ("flags_second_straggler_out_of_range",
+     lambda: _job_config("--straggler=1:2,3:4"),
+     "--straggler=1:2,3:4, but there are only 2 workers"),
+    ("flags_straggler_named_twice",
+     lambda: _job_config("--straggler=1:2,1:3"),
+     "straggler='1:2,1:3', which names worker 1 twice"),
+    ("flags_straggler_list_format",
+     lambda: _job_config("--straggler=1:2;0:3"),
+     "straggler='1:2;0:3', which is not INDEX:SLOWDOWN"),
     ("flags_nonfinite_worker_out_of_range",
      lambda: _job_config("--inject_nonfinite_worker=2"),
      "--inject_nonfinite_worker=2, but there are only 2 workers"),
@@ -220,7 +230,7 @@ class BadInputTest(parameterized.TestCase, tf.test.TestCase):
         testing_utils.shared_cluster().resolver(),
         gba_tf.GBAConfig(global_batch_size=8, local_batch_size=4))
     with strategy.scope():
-      model = gba_tf.models.embedding_mlp(8, 20, hidden=(4,))
+      model = models.embedding_mlp(8, 20, hidden=(4,))
       model.compile(tf.keras.optimizers.SGD(0.5),
                     tf.keras.losses.BinaryCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)

@@ -28,6 +28,25 @@ _SUMMARY_KEYS = {"condition": str, "mode": str, "runs": int,
                  "ideal_samples_per_s": float}
 
 
+class IdealThroughputTest(tf.test.TestCase):
+
+  def test_ideal_sums_every_workers_emulated_speed(self):
+    # 4 workers x 256 samples per 50 ms step = 5,120 samples/s each when
+    # healthy. "two_stragglers" = 1:3,3:6: 5,120 + 5,120 / 3 + 5,120 +
+    # 5,120 / 6 = 12,800. "straggler" = 1:4: 3 x 5,120 + 1,280 = 16,640.
+    from gba_tf.bin import benchmark  # pylint: disable=g-import-not-at-top
+    config = {"step_ms": 50.0, "num_workers": 4,
+              "gba": {"local_batch_size": 256}}
+    self.assertAlmostEqual(
+        benchmark.ideal_samples_per_s(config, "two_stragglers"), 12800.0,
+        places=6)
+    self.assertAlmostEqual(
+        benchmark.ideal_samples_per_s(config, "straggler"), 16640.0,
+        places=6)
+    self.assertAlmostEqual(
+        benchmark.ideal_samples_per_s(config, "healthy"), 20480.0, places=6)
+
+
 @pytest.mark.cluster
 class BenchmarkTinyTest(tf.test.TestCase):
 

@@ -244,10 +244,15 @@ class CheckpointManagerTest(tf.test.TestCase):
       leaky = growth_per_save(
           lambda step: eager.write(f"{eager_dir}/ckpt-{step}"), 100, 3, 10)
     self.assertEqual(manager.traces, 1)
+    bound = 0.1  # MiB per save and PS
     for mib in traced:
-      self.assertLess(mib, 0.1, f"PS MiB per traced save: {traced}")
+      self.assertLess(mib, bound, f"PS MiB per traced save: {traced}")
+    # The control: the same measure sees the eager leak above the same
+    # bound on every PS. (How much each PS grows is TF's business, not
+    # this test's: one PS grows ~2.5 MiB per eager save, the other
+    # 0.24-0.27 in 2 runs of 12, ~3 MiB in the others.)
     for mib in leaky:
-      self.assertGreater(mib, 0.5, f"PS MiB per eager save: {leaky}")
+      self.assertGreater(mib, 2 * bound, f"PS MiB per eager save: {leaky}")
 
 if __name__ == "__main__":
   tf.test.main()

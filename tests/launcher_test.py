@@ -60,6 +60,24 @@ class LaunchLocalTest(tf.test.TestCase):
     self.assertAllClose(results["sync"]["test_auc"],
                         results["gba"]["test_auc"], atol=0.01)
 
+  def test_two_stragglers_each_at_its_own_speed(self):
+    # --straggler takes a list: 3 workers at 40 ms of emulated compute per
+    # local step, worker 1 at 1/3 speed (120 ms) and worker 2 at 1/6
+    # (240 ms). GBA takes gradients as they come, so the shares of the 120
+    # pushes follow the speeds, about 80 : 27 : 13.
+    model_dir = testing_utils.temp_dir(self, "gba_two_stragglers_")
+    proc = _launch(self, model_dir, "--mode=gba", "--workers=3",
+                   "--global_batch_size=768", "--train_steps=40",
+                   "--steps_per_loop=20", "--step_ms=40",
+                   "--straggler=1:3,2:6", "--eval_examples=0")
+    self.assertEqual(proc.returncode, 0, proc.stdout[-3000:])
+    self.assertEqual(_read(model_dir, "config-gba.json")["stragglers"],
+                     {"1": 3.0, "2": 6.0})
+    fast, third, sixth = _read(model_dir, "phases.jsonl")[0]["gba"][
+        "worker_pushed"]
+    self.assertGreater(fast, 1.5 * third)
+    self.assertGreater(third, sixth)
+
   def test_auto_switches_to_gba_under_a_straggler_and_back(self):
     model_dir = testing_utils.temp_dir(self, "gba_auto_")
     # Worker 1 at 1/4 speed until the job has switched to GBA: the test

@@ -38,6 +38,7 @@ from absl import app
 from absl import flags
 
 import gba_tf  # pylint: disable=unused-import  (TF_USE_LEGACY_KERAS first)
+from gba_tf import stragglers
 from gba_tf.launch import flags as gba_flags
 from gba_tf.launch import launcher as launcher_lib
 
@@ -61,7 +62,10 @@ CONDITIONS = {
     "healthy": ("", "all workers at full speed"),
     "straggler": ("1:4", "worker 1 at 1/4 speed"),
     "mild": ("1:2", "worker 1 at 1/2 speed"),
+    "two_stragglers": ("1:3,3:6", "workers 1 and 3 at 1/3 and 1/6 speed"),
 }
+# The full table's conditions (`--conditions` picks any of CONDITIONS).
+DEFAULT_CONDITIONS = ("healthy", "straggler", "mild")
 # Decay variants of the ablation (GBA, straggler condition).
 ABLATION = {
     "no_decay": ["--decay=none", "--max_staleness=1000"],
@@ -118,7 +122,7 @@ def _plan():
     extra = ["--train_steps=60", "--steps_per_loop=20"]
   else:
     name, repeats = "benchmark", FLAGS.repeats
-    modes, conditions = list(MODES), list(CONDITIONS)
+    modes, conditions = list(MODES), list(DEFAULT_CONDITIONS)
     extra = []
   modes = FLAGS.modes or modes
   conditions = FLAGS.conditions or conditions
@@ -232,13 +236,13 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile):
 def ideal_samples_per_s(config, condition):
   """Sum of the workers' emulated speeds (samples/s)."""
   straggler, _ = CONDITIONS[condition]
-  slow, slowdown = gba_flags.parse_straggler(straggler)
+  factors = stragglers.speed_factors(gba_flags.parse_straggler(straggler),
+                                     config["num_workers"])
   step_s = config["step_ms"] / 1000.0
   if step_s <= 0:
     return None
-  return sum(config["gba"]["local_batch_size"] /
-             (step_s * (slowdown if i == slow else 1.0))
-             for i in range(config["num_workers"]))
+  return sum(config["gba"]["local_batch_size"] / (step_s * f)
+             for f in factors)
 
 
 def summarize(rows):

@@ -15,12 +15,13 @@ Example:
 
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from gba_tf import compat
+from gba_tf import stragglers as stragglers_lib
 from gba_tf import tokens
 
 
@@ -137,8 +138,9 @@ def validate_examples(ids, labels, num_fields: Optional[int] = None,
 
 
 def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
-               step_ms: float = 0.0, slow_worker: int = -1,
-               slowdown: float = 1.0, shuffle_seed=None, *,
+               step_ms: float = 0.0,
+               stragglers: Optional[Mapping[int, float]] = None,
+               shuffle_seed=None, *,
                num_shards: int = 1, straggler_until: float = 0.0,
                global_batch_size: Optional[int] = None,
                straggler_period: float = 0.0, num_workers: int = 1,
@@ -173,7 +175,7 @@ def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
       poisoned = tf.equal(index, nonfinite_worker)
       ds = ds.map(lambda x, y: (x, tf.where(poisoned, y * np.nan, y)))
     ds = ds.prefetch(2)
-    return with_straggler(ds, step_ms, slow_worker, slowdown,
+    return with_straggler(ds, step_ms, stragglers,
                           until=straggler_until, index=index,
                           period=straggler_period, num_workers=num_workers,
                           stop_file=straggler_stop_file)
@@ -198,15 +200,15 @@ def worker_index(input_context=None):
 
 
 def with_straggler(dataset: tf.data.Dataset, step_ms: float,
-                   slow_worker: int = -1, slowdown: float = 1.0,
+                   stragglers: Optional[Mapping[int, float]] = None,
                    until: float = 0.0, index=None, period: float = 0.0,
                    num_workers: int = 1, stop_file: str = ""):
-  """Emulates per-step compute time, with one worker `slowdown` times slower.
+  """Emulates per-step compute time, with some workers slower than others.
 
   On a machine with fewer cores than workers, real compute would make all
   workers contend for the same cores; a sleep per batch gives every worker
   its own "compute" instead, so adding workers adds throughput as on a real
-  cluster. Call inside a `dataset_fn`: the slow worker is chosen by the
+  cluster. Call inside a `dataset_fn`: the slow workers are chosen by the
   runtime worker index (see `worker_index`).
 
   The sleep runs one batch ahead of training (a prefetch of 1 after it), so
@@ -215,55 +217,86 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
   worker delivers at most one batch per `slowdown * step_ms`, whatever it
   buffered before.
 
+  Example: `stragglers={1: 3.0, 5: 6.0}` runs worker 1 at a third and
+  worker 5 at a sixth of the speed (`gba_tf.stragglers.parse("1:3,5:6")`).
+
   Args:
     dataset: batched dataset.
     step_ms: emulated compute time of one batch on a healthy worker.
-    slow_worker: worker index that runs slow; -1 for none.
-    slowdown: the slow worker takes `slowdown * step_ms` per batch
-      (4.0 = a quarter of the speed).
-    until: Unix time after which the straggler recovers (checked per batch
+    stragglers: worker index -> slowdown (4.0 = a quarter of the speed);
+      None or {} for none.
+    until: Unix time after which the stragglers recover (checked per batch
       on the worker's clock); 0 for never.
     index: this worker's index tensor; default `worker_index()`.
-    period: > 0 moves the straggler: during second t the slow worker is
-      hash(floor(t / period)) mod num_workers, on every worker's clock
-      (`slow_worker` then only needs to be >= 0).
-    num_workers: workers the moving straggler is drawn from.
-    stop_file: the straggler recovers once this file exists (checked per
+    period: > 0 moves the stragglers: during second t, with
+      b = hash(floor(t / period)) mod num_workers on every worker's clock,
+      workers b, b + 1, ... (mod num_workers) are slow at the slowdowns
+      `stragglers` lists, in the order of its indices (which then only
+      say how many and in which order).
+    num_workers: workers the moving stragglers are drawn from.
+    stop_file: the stragglers recover once this file exists (checked per
       batch); "" for never.
   """
-  if step_ms < 0 or slowdown < 1.0:
-    raise ValueError(f"Received: step_ms={step_ms}, slowdown={slowdown}; "
-                     "need step_ms >= 0 and slowdown >= 1.")
+  stragglers = dict(stragglers or {})
+  stragglers_lib.validate(stragglers)
+  if step_ms < 0:
+    raise ValueError(f"Received: step_ms={step_ms}, which must be >= 0.")
+  if period > 0 and len(stragglers) > num_workers:
+    raise ValueError(f"Received: stragglers={stragglers} with period="
+                     f"{period}; more moving stragglers than the "
+                     f"{num_workers} workers.")
   if step_ms > 0:
     dataset = dataset.apply(compat.data_sleep(int(step_ms * 1000)))
-  extra_us = int(step_ms * (slowdown - 1.0) * 1000)
-  if slow_worker >= 0 and extra_us > 0:
+  # One extra-sleep stream per distinct slowdown; stream 0 sleeps nothing.
+  extras = sorted({int(step_ms * (s - 1.0) * 1000)
+                   for s in stragglers.values()} - {0})
+  if extras:
     if index is None:
       index = worker_index()
     index = tf.cast(index, tf.int64)
 
-    def slow_now(_):
+    def stream(slowdown):
+      extra = int(step_ms * (slowdown - 1.0) * 1000)
+      return extras.index(extra) + 1 if extra else 0
+
+    if period > 0:
+      # The j-th straggler (by index) is worker base + j this period.
+      streams = [stream(s) for _, s in sorted(stragglers.items())]
+    else:
+      # Worker i's stream, for i up to the highest index named (others: 0).
+      streams = [0] * (max(stragglers) + 1)
+      for i, s in stragglers.items():
+        streams[i] = stream(s)
+    table = tf.constant(streams, tf.int64)
+
+    def stream_now(_):
       now = tf.timestamp()
       if period > 0:
         # Knuth's multiplicative hash of the period number: a different,
         # clock-synchronised draw per period on every worker.
         epoch = tf.cast(tf.floor(now / period), tf.int64)
-        slow = tf.math.floormod(epoch * 2654435761, num_workers)
+        base = tf.math.floormod(epoch * 2654435761, num_workers)
+        position = tf.where(index >= 0,
+                            tf.math.floormod(index - base, num_workers),
+                            tf.constant(-1, tf.int64))
       else:
-        slow = tf.constant(slow_worker, tf.int64)
+        position = index
+      named = tf.logical_and(position >= 0, position < len(streams))
+      mine = tf.where(named, tf.gather(table, tf.clip_by_value(
+          position, 0, len(streams) - 1)), tf.constant(0, tf.int64))
       still = tf.constant(True) if not until else now < until
       if stop_file:
         still = tf.logical_and(
             still, tf.equal(tf.size(tf.io.matching_files(stop_file)), 0))
-      return tf.cast(tf.logical_and(tf.equal(index, slow), still), tf.int64)
+      return tf.where(still, mine, tf.constant(0, tf.int64))
 
-    # The extra sleep sits in a second stream that is only pulled from while
-    # the worker is slow: the sleep op's duration is fixed when the
-    # iterator is built, but a choice made per batch can end it.
+    # The extra sleep sits in a stream that is only pulled from while the
+    # worker is slow: the sleep op's duration is fixed when the iterator is
+    # built, but a choice made per batch can end it.
     endless = tf.data.Dataset.range(2**62)
     ticks = tf.data.Dataset.choose_from_datasets(
-        [endless, endless.apply(compat.data_sleep(extra_us))],
-        endless.map(slow_now))
+        [endless] + [endless.apply(compat.data_sleep(us)) for us in extras],
+        endless.map(stream_now))
     dataset = tf.data.Dataset.zip((dataset, ticks)).map(lambda d, _: d)
   # One batch ahead and no more: tf.data would otherwise inject its own
   # autotuned prefetch, letting a straggler bank a burst of batches.

@@ -8,9 +8,11 @@ with `flags.FLAGS.set_default`. Flagfiles in `configs/` set them in bulk:
   gba-train --flagfile=configs/local_gba.cfg --mode=sync
 """
 
-from typing import Tuple
+from typing import Dict
 
 from absl import flags
+
+from gba_tf import stragglers
 
 FLAGS = flags.FLAGS
 
@@ -103,7 +105,8 @@ def define_flags() -> None:
       "that a 2-core machine can host many workers; 0 for none.")
   flags.DEFINE_string(
       "straggler", "",
-      "INDEX:SLOWDOWN, e.g. 1:4 = worker 1 at a quarter of the speed; "
+      "INDEX:SLOWDOWN[,INDEX:SLOWDOWN...], e.g. 1:4 = worker 1 at a quarter "
+      "of the speed, 1:3,5:6 = workers 1 and 5 at a third and a sixth; "
       "empty for none.")
   flags.DEFINE_float(
       "straggler_seconds", 0.0,
@@ -120,8 +123,10 @@ def define_flags() -> None:
       "on the clock (tests).")
   flags.DEFINE_integer(
       "straggler_period", 0,
-      "Seconds; > 0 makes the straggler move: every period a worker drawn "
-      "from the clock is the slow one (soak tests). 0: --straggler's index.")
+      "Seconds; > 0 makes the stragglers move: every period as many "
+      "consecutive workers, from one drawn from the clock, are slow at "
+      "--straggler's slowdowns, in the order of its indices (soak tests). "
+      "0: --straggler's own workers.")
   flags.DEFINE_integer(
       "inject_nonfinite_worker", -1,
       "TEST ONLY: this worker's labels become NaN, so its gradients are not "
@@ -138,17 +143,6 @@ def define_flags() -> None:
                      "median step time is a straggler.")
 
 
-def parse_straggler(spec: str) -> Tuple[int, float]:
-  """`"1:4"` -> `(1, 4.0)`; `""` -> `(-1, 1.0)` (no straggler)."""
-  if not spec:
-    return -1, 1.0
-  try:
-    index, slowdown = spec.split(":")
-    index, slowdown = int(index), float(slowdown)
-  except ValueError:
-    raise ValueError(f"Received: straggler={spec!r}, which is not "
-                     "INDEX:SLOWDOWN (e.g. 1:4).") from None
-  if index < 0 or not slowdown >= 1.0:
-    raise ValueError(f"Received: straggler={spec!r}; need INDEX >= 0 and "
-                     "SLOWDOWN >= 1.")
-  return index, slowdown
+def parse_straggler(spec: str) -> Dict[int, float]:
+  """`"1:3,5:6"` -> `{1: 3.0, 5: 6.0}`; `""` -> `{}` (`gba_tf.stragglers`)."""
+  return stragglers.parse(spec)

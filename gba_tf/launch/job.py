@@ -78,7 +78,7 @@ class Job:
     return synthetic.dataset_fn(
         self.data.train_ids, self.data.train_labels,
         self.config.local_batch_size, self.config.step_ms,
-        self.config.slow_worker, self.config.slowdown,
+        self.config.stragglers,
         shuffle_seed=self.config.seed, num_shards=self.config.num_workers,
         straggler_until=self.config.straggler_until,
         straggler_stop_file=self.config.straggler_stop_file,

@@ -51,8 +51,7 @@ class JobConfig:
   export_dir: Optional[str]
   seed: int
   step_ms: float
-  slow_worker: int
-  slowdown: float
+  stragglers: Dict[int, float]
   straggler_until: float
   straggler_stop_file: str
   straggler_period: int
@@ -104,7 +103,7 @@ def config_from_flags(task: tasks.TaskConfig,
     raise ValueError(f"Received: --ps={f.ps}, which must be >= 0.")
   if f.step_ms < 0:
     raise ValueError(f"Received: --step_ms={f.step_ms}, which must be >= 0.")
-  slow_worker, slowdown = gba_flags.parse_straggler(f.straggler)
+  stragglers = gba_flags.parse_straggler(f.straggler)
   if f["backup"].present:
     logging.warning("--backup is deprecated; it is an alias of "
                     "--checkpoint_every_loop.")
@@ -127,7 +126,7 @@ def config_from_flags(task: tasks.TaskConfig,
     raise ValueError(f"Received: --inject_nonfinite_worker="
                      f"{f.inject_nonfinite_worker}, but there are only "
                      f"{workers} workers.")
-  if slow_worker >= workers:
+  if stragglers and max(stragglers) >= workers:
     raise ValueError(f"Received: --straggler={f.straggler}, but there are "
                      f"only {workers} workers.")
   # Validates the global batch (a multiple of the local one) for every mode.
@@ -152,7 +151,7 @@ def config_from_flags(task: tasks.TaskConfig,
       checkpoint_every_loop=f.checkpoint_every_loop,
       verify_restore=f.verify_restore,
       export_dir=f.export_dir, seed=f.seed, step_ms=f.step_ms,
-      slow_worker=slow_worker, slowdown=slowdown,
+      stragglers=stragglers,
       straggler_until=f.straggler_until,
       straggler_stop_file=f.straggler_stop_file,
       straggler_period=f.straggler_period,

@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from gba_tf import stragglers as stragglers_lib
 from gba_tf.sim import engine
 from gba_tf.sim import timing
 
@@ -76,16 +77,6 @@ def tv_distance(p: Sequence[float], q: Sequence[float]) -> float:
   return float(0.5 * np.abs(p - q).sum())
 
 
-def _parse_straggler(spec: str) -> Dict[int, float]:
-  if not spec:
-    return {}
-  out = {}
-  for part in spec.split(","):
-    index, factor = part.split(":")
-    out[int(index)] = float(factor)
-  return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Measured:
   """One measured run, from a `gba-benchmark` JSON row."""
@@ -113,7 +104,7 @@ class Measured:
                local_batch_size=flags["gba"]["local_batch_size"],
                global_batch_size=flags["global_batch_size"],
                step_ms=flags["step_ms"],
-               stragglers=_parse_straggler(straggler),
+               stragglers=stragglers_lib.parse(straggler),
                samples_per_s=row["samples_per_s"],
                staleness_histogram=row.get("staleness_histogram"),
                worker_seconds=row.get("worker_mean_step_seconds"))

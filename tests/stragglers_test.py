@@ -1,0 +1,91 @@
+"""Straggler specs (`gba_tf.stragglers`) and their emulation in the input
+pipeline (`gba_tf.data.synthetic.with_straggler`), with several stragglers."""
+
+import time
+
+import gba_tf  # pylint: disable=unused-import
+import numpy as np
+import tensorflow as tf
+
+from gba_tf import stragglers
+from gba_tf.data import synthetic
+from gba_tf.launch import flags as gba_flags
+
+
+def _seconds_for(dataset, batches):
+  """Wall seconds to pull `batches` elements (after the first, which builds
+  the iterator)."""
+  iterator = iter(dataset)
+  next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return time.perf_counter() - start
+
+
+class ParseTest(tf.test.TestCase):
+
+  def test_lists_singles_and_none(self):
+    self.assertEqual(stragglers.parse("1:3,5:6"), {1: 3.0, 5: 6.0})
+    self.assertEqual(stragglers.parse("1:4"), {1: 4.0})
+    self.assertEqual(stragglers.parse(""), {})
+    # The launcher's flag parser is the same function.
+    self.assertEqual(gba_flags.parse_straggler("0:2.5,2:1"), {0: 2.5, 2: 1.0})
+    self.assertEqual(stragglers.format_spec({5: 6.0, 1: 3.0}), "1:3,5:6")
+    self.assertEqual(stragglers.speed_factors({1: 3.0, 3: 6.0}, 4),
+                     [1.0, 3.0, 1.0, 6.0])
+
+  def test_errors_are_one_line_naming_the_spec(self):
+    for spec, message in (
+        ("1:3;5:6", "straggler='1:3;5:6', which is not INDEX:SLOWDOWN"),
+        ("1:3,", "straggler='1:3,', which is not INDEX:SLOWDOWN"),
+        ("1:3,1:4", "straggler='1:3,1:4', which names worker 1 twice"),
+        ("-1:3", "straggler='-1:3'; need INDEX >= 0"),
+        ("2:0.5", "straggler='2:0.5'; need INDEX >= 0 and SLOWDOWN >= 1"),
+        ("2:nan", "straggler='2:nan'; need INDEX >= 0 and SLOWDOWN >= 1")):
+      with self.assertRaises(ValueError) as raised:
+        stragglers.parse(spec)
+      self.assertIn(message, str(raised.exception))
+      self.assertNotIn("\n", str(raised.exception))
+
+
+class EmulationTest(tf.test.TestCase):
+  """Sleeps only add time, so lower bounds hold however loaded the machine;
+  the orderings have a margin of at least 4 x 10 batches x step."""
+
+  def _dataset(self, index, spec, **kwargs):
+    ds = tf.data.Dataset.range(10**6).batch(2)
+    return synthetic.with_straggler(ds, 10.0, stragglers.parse(spec),
+                                    index=tf.constant(index, tf.int64),
+                                    **kwargs)
+
+  def test_each_straggler_runs_at_its_own_slowdown(self):
+    # 10 ms per batch; worker 1 at 1/4 (40 ms), worker 3 at 1/8 (80 ms).
+    # 10 batches: >= 0.1 s, 0.4 s, 0.8 s.
+    seconds = [_seconds_for(self._dataset(i, "1:4,3:8"), 10)
+               for i in range(4)]
+    self.assertGreaterEqual(seconds[1], 0.4 * 0.95)
+    self.assertGreaterEqual(seconds[3], 0.8 * 0.95)
+    for healthy in (0, 2):
+      self.assertGreaterEqual(seconds[healthy], 0.1 * 0.95)
+      self.assertLess(seconds[healthy], seconds[1])
+    self.assertLess(seconds[1], seconds[3])
+
+  def test_moving_stragglers_fall_on_consecutive_workers(self):
+    # A period far longer than the test: one draw b for the whole test;
+    # workers b and b + 1 (mod 4) are slow at 1/4 and 1/8, the other two
+    # healthy. Which b depends on the clock; the pattern does not.
+    seconds = np.array([
+        _seconds_for(self._dataset(i, "0:4,1:8", period=10**6,
+                                   num_workers=4), 6) for i in range(4)])
+    slowest = int(np.argmax(seconds))
+    first = (slowest - 1) % 4
+    self.assertGreaterEqual(seconds[slowest], 6 * 0.08 * 0.95)
+    self.assertGreaterEqual(seconds[first], 6 * 0.04 * 0.95)
+    others = [i for i in range(4) if i not in (first, slowest)]
+    self.assertLess(max(seconds[others]), seconds[first])
+    self.assertLess(seconds[first], seconds[slowest])
+
+
+if __name__ == "__main__":
+  tf.test.main()
