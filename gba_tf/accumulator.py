@@ -2,7 +2,8 @@
 
 Aggregation (arXiv 2205.11048, Sec. 3.2): global step `s` applies
 `sum_i f(tau_i) * g_i / M` over exactly M accepted local gradients, on every
-shard the same M.
+shard the same M. (`GBAConfig(normalize="weights")` divides by
+`sum_i f(tau_i)` instead, summed on the first PS task as the pushes land.)
 
 The push path (docs/design.md, "Push and apply") keeps every gradient-sized
 operation per shard and out of any lock; the only work all workers serialize
@@ -118,13 +119,14 @@ class _Slot:
           tf.reshape(parity, [1, 1]),
           tf.expand_dims(grad * tf.cast(weight, grad.dtype), 0))
 
-  def take(self, parity, num_aggregate: int):
-    """Buffer `parity` divided by M, and the buffer cleared."""
+  def take(self, parity, divisor):
+    """Buffer `parity` divided by `divisor` (M, or the sum of the step's
+    weights), and the buffer cleared."""
     with tf.device(self.device):
       # A gather (ResourceGather) copies this one buffer; reading the whole
       # variable would alias it and make concurrent adds copy both buffers.
       summed = tf.gather(self._buffers, parity)
-      m = tf.cast(num_aggregate, summed.dtype)
+      m = tf.cast(divisor, summed.dtype)
       if not self.sparse:
         with tf.control_dependencies([summed]):
           reset = self._buffers.scatter_nd_update(
@@ -192,12 +194,15 @@ class GradientAggregator:
     tokens: the `TokenService`.
     counters: the `GBACounters`.
     device: the first PS task: tickets, scheduling state and counters.
+    normalize: "global_batch" divides each step's weighted sum by M;
+      "weights" by the sum of its weights (`GBAConfig.normalize`).
   """
 
   def __init__(self, extended, num_aggregate: int,
                policy: staleness_lib.StalenessPolicy,
                tokens: tokens_lib.TokenService,
-               counters: counters_lib.GBACounters, device: str):
+               counters: counters_lib.GBACounters, device: str,
+               normalize: str = "global_batch"):
     self._extended = extended
     self.num_aggregate = num_aggregate
     self.tokens = tokens
@@ -215,6 +220,11 @@ class GradientAggregator:
       # exclusive_resource_access=False: the global step guarded here is
       # also read, lock-free, by every worker's token read.
       self._lock = tf.CriticalSection(name="gba_schedule_lock")
+      # Sum of the accepted weights of each open step ("weights" only).
+      self._weight_sums = (
+          tf.Variable(tf.zeros([schedule.OPEN_STEPS], tf.float32),
+                      trainable=False, name="gba_weight_sums")
+          if normalize == "weights" else None)
     self._hold_micros = None
     # Recovery from pushes that die half-way (`gba_tf.stall`): seconds
     # without progress before the chief acts (None: never), and between its
@@ -346,6 +356,12 @@ class GradientAggregator:
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
           finite)
+      if self._weight_sums is not None:
+        # Added before the push lands, so the apply reads the whole sum.
+        counted.append(self._weight_sums.scatter_nd_add(
+            tf.reshape(schedule.parity(step_index), [1, 1]),
+            tf.reshape(tf.where(accepted, tf.cast(weight, tf.float32), 0.0),
+                       [1])))
       parity = schedule.parity(step_index)
 
     adds = []
@@ -485,10 +501,25 @@ class GradientAggregator:
     """Applies global step `step` with every optimizer; returns its ops."""
     parity = schedule.parity(step)
     ops = []
+    divisor = self.num_aggregate
+    if self._weight_sums is not None:
+      with tf.device(self._device):
+        total = tf.gather(self._weight_sums, parity)
+        # Cleared before this step finishes, so before the tickets of step
+        # `step + 2` (the next user of this parity) exist.
+        with tf.control_dependencies([total]):
+          reset = self._weight_sums.scatter_nd_update(
+              tf.reshape(parity, [1, 1]), tf.zeros([1]))
+        # A tensor after the reset: the variable that scatter_nd_update
+        # returns is not an op `_per_device_barriers` can wait for.
+        with tf.control_dependencies([reset]):
+          ops.append(tf.identity(total))
+        # Accepted gradients have weights > 0; 1 only guards a division.
+        divisor = tf.where(total > 0, total, 1.0)
     for part, opt_step in zip(staged, steps):
       if not part:
         continue
-      aggregated = [(slot.take(parity, self.num_aggregate), var)
+      aggregated = [(slot.take(parity, divisor), var)
                     for slot, _, var in part]
       with self._extended.record_updates() as updates:
         result = opt_step.apply_fn(aggregated)

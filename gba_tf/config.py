@@ -16,6 +16,9 @@ from typing import Any, Dict, Optional
 from gba_tf import staleness
 
 PRESETS = ("gba", "async", "sync_ps", "backup_workers", "bounded_staleness")
+# What a global step's weighted sum of M gradients is divided by
+# (`GBAConfig.normalize`).
+NORMALIZATIONS = ("global_batch", "weights")
 
 # GBA defaults, chosen by the ablation `scripts/benchmark.py --ablation
 # --repeats=3` (4 workers, M = 4, worker 1 at 1/4 speed, DCN-v2, 100 steps;
@@ -58,6 +61,12 @@ class GBAConfig:
     decay_rate: parameter of that shape.
     max_staleness: gradients staler than this are dropped and counted;
       `None` never drops.
+    normalize: what a global step divides `sum_i f(tau_i) g_i` by:
+      "global_batch" (default) divides by M, the paper's aggregate (Sec.
+      3.2), so a decayed gradient also shortens the step; "weights" divides
+      by `sum_i f(tau_i)`, a weighted mean, so decay changes the mix of
+      gradients but not the step's scale. Equal when no gradient of the
+      step is decayed.
     name: the preset this config came from, for logs.
   """
 
@@ -67,6 +76,7 @@ class GBAConfig:
   decay: str = _DEFAULT_DECAY
   decay_rate: float = _DEFAULT_DECAY_RATE
   max_staleness: Optional[int] = _DEFAULT_MAX_STALENESS
+  normalize: str = "global_batch"
   name: str = "gba"
 
   def __post_init__(self):
@@ -76,6 +86,9 @@ class GBAConfig:
       raise ValueError(
           f"Received: global_batch_size={self.global_batch_size}, which is "
           f"not a multiple of local_batch_size={self.local_batch_size}.")
+    if self.normalize not in NORMALIZATIONS:
+      raise ValueError(f"Received: normalize={self.normalize!r}, which is "
+                       f"not one of {NORMALIZATIONS}.")
     if self.name not in PRESETS:
       raise ValueError(
           f"Received: name={self.name!r}, which is not one of {PRESETS}.")

@@ -217,7 +217,7 @@ class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):
         _STATE_DEVICE)
     self.aggregator = accumulator_lib.GradientAggregator(
         self, config.num_aggregate, config.policy, self.tokens,
-        self.counters, _STATE_DEVICE)
+        self.counters, _STATE_DEVICE, normalize=config.normalize)
     self._update_log = None
     # id(shard) -> (the ShardedVariable it is part of, the shard).
     self._shard_parents = {}

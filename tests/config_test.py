@@ -26,6 +26,8 @@ class GBAConfigTest(tf.test.TestCase, parameterized.TestCase):
       ("unknown_decay", dict(decay="cosine"), "decay='cosine'"),
       ("bad_limit", dict(max_staleness=-1), "max_staleness=-1"),
       ("bad_name", dict(name="hogwild"), "name='hogwild'"),
+      ("bad_normalize", dict(normalize="mean"),
+       "Received: normalize='mean', which is not one of"),
   )
   def test_rejects_bad_values_with_one_line(self, kwargs, message):
     with self.assertRaises(ValueError) as ctx:

@@ -84,6 +84,11 @@ class JobConfigFromFlagsTest(parameterized.TestCase):
     default = self._config("--preset=bounded_staleness")
     self.assertEqual(default.gba.max_staleness, 4)
 
+  def test_normalize_flag_reaches_the_gba_config(self):
+    self.assertEqual(self._config().gba.normalize, "global_batch")
+    self.assertEqual(self._config("--normalize=weights").gba.normalize,
+                     "weights")
+
   def test_checkpoint_every_loop_and_its_deprecated_alias(self):
     self.assertTrue(self._config().checkpoint_every_loop)
     self.assertFalse(

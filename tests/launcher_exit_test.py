@@ -10,7 +10,6 @@ otherwise serves until terminated, as a PS or worker server does.
 import io
 import json
 import os
-import sys
 
 import tensorflow as tf
 

@@ -169,6 +169,45 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     self.assertEqual(sorted(m["worker_pushed"]), [2, 11])
     self.assertEqual(sorted(m["worker_dropped"]), [0, 1])
 
+  def test_normalize_by_weights_divides_by_the_sum_of_weights(self):
+    # The first three steps of the test above, with normalize="weights":
+    # steps with no decayed gradient are unchanged (the weights sum to
+    # M = 2); step 3 = (0.25 S + F5) / 1.25 instead of / 2.
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1,
+                              staleness_threshold=0, decay="exponential",
+                              decay_rate=0.5, max_staleness=2,
+                              normalize="weights")
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: tf.keras.optimizers.SGD(1.0))
+
+    def delta(*weighted):
+      total = sum(wt for wt, _ in weighted)
+      dw = sum(wt * _np_grads(*p)[0] for wt, p in weighted) / total
+      de = sum(wt * _np_grads(*p)[1] for wt, p in weighted) / total
+      return -dw, -de
+
+    held = h.hold(S)  # token 0
+    h.run(F1, F2)     # step 1: (F1 + F2) / 2
+    h.run(F3, F4)     # step 2: (F3 + F4) / 2
+    w1, e1 = delta((1, F1), (1, F2))
+    w2, e2 = delta((1, F3), (1, F4))
+    self.assertAllClose(h.params(), (w1 + w2, e1 + e2))
+    h.release(held)   # tau = 2: weight 0.25
+    h.run(F5)         # step 3: (0.25 S + F5) / 1.25
+    w3, e3 = delta((0.25, S), (1, F5))
+    self.assertAllClose(h.params(), (w1 + w2 + w3, e1 + e2 + e3))
+    # And the sum was cleared with its step: two more undecayed steps on
+    # the same two parities divide by 2 again. (One push at a time: pushes
+    # scheduled together could read a token a step old, tau 1, decayed.)
+    for push in (F1, F2, F3, F4):
+      h.run(push)
+    w4, e4 = delta((1, F1), (1, F2))
+    w5, e5 = delta((1, F3), (1, F4))
+    self.assertAllClose(h.params(), (w1 + w2 + w3 + w4 + w5,
+                                     e1 + e2 + e3 + e4 + e5))
+    self.assertEqual(h.optimizer.iterations.numpy(), 5)
+
   def test_token_is_read_at_run_time_not_schedule_time(self):
     # Keras fit schedules a whole epoch ahead; tokens must still be fresh.
     # 12 steps scheduled at once on one worker (the other is held): each

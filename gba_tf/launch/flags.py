@@ -96,6 +96,10 @@ def define_flags() -> None:
   flags.DEFINE_enum("decay", None, ("none", "exponential", "inverse"),
                     "Weight of gradients past the threshold.")
   flags.DEFINE_float("decay_rate", None, "Parameter of the decay.")
+  flags.DEFINE_enum(
+      "normalize", None, ("global_batch", "weights"),
+      "A global step's weighted sum of gradients divided by M "
+      "(global_batch, the default) or by the sum of the weights (weights).")
   flags.DEFINE_integer("max_staleness", None,
                        "Gradients staler than this are dropped.")
   # Straggler emulation.

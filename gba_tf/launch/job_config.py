@@ -174,7 +174,7 @@ def gba_config_from_flags(num_workers=None) -> config_lib.GBAConfig:
   overrides = {
       name: gba_flags.FLAGS[name].value
       for name in ("staleness_threshold", "decay", "decay_rate",
-                   "max_staleness")
+                   "max_staleness", "normalize")
       if gba_flags.FLAGS[name].value is not None}
   # The synchronous global batch fixes every mode's samples per optimizer
   # step, so it is checked (a multiple of the local batch) whatever the
