@@ -16,6 +16,7 @@ Example:
 {}
 """
 
+import math
 from typing import Dict, Mapping
 
 
@@ -24,7 +25,7 @@ def parse(spec: str) -> Dict[int, float]:
 
   Raises:
     ValueError: one line naming the spec, for a malformed part, an index
-      below 0 or named twice, or a slowdown below 1.
+      below 0 or named twice, or a slowdown below 1 or not finite.
   """
   if not spec:
     return {}
@@ -46,12 +47,12 @@ def parse(spec: str) -> Dict[int, float]:
 
 
 def validate(stragglers: Mapping[int, float], spec=None) -> None:
-  """Checks indices >= 0 and slowdowns >= 1 (one-line ValueError)."""
+  """Checks indices >= 0 and finite slowdowns >= 1 (one-line ValueError)."""
   for index, slowdown in stragglers.items():
-    if index < 0 or not slowdown >= 1.0:
+    if index < 0 or not (slowdown >= 1.0 and math.isfinite(slowdown)):
       shown = repr(spec) if spec is not None else dict(stragglers)
       raise ValueError(f"Received: straggler={shown}; need INDEX >= 0 and "
-                       "SLOWDOWN >= 1 for every worker named.")
+                       "a finite SLOWDOWN >= 1 for every worker named.")
 
 
 def format_spec(stragglers: Mapping[int, float]) -> str:

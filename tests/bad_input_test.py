@@ -138,7 +138,7 @@ _CASES = [
     ("flags_straggler_format", lambda: _job_config("--straggler=fast"),
      "straggler='fast', which is not INDEX:SLOWDOWN"),
     ("flags_straggler_speedup", lambda: _job_config("--straggler=1:0.5"),
-     "straggler='1:0.5'; need INDEX >= 0 and SLOWDOWN >= 1"),
+     "straggler='1:0.5'; need INDEX >= 0 and a finite SLOWDOWN >= 1"),
     ("flags_learning_rate", lambda: _job_config("--learning_rate=-0.1"),
      "--learning_rate=-0.1"),
     ("flags_step_ms", lambda: _job_config("--step_ms=-5"), "--step_ms=-5.0"),

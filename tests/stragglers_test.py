@@ -41,8 +41,9 @@ class ParseTest(tf.test.TestCase):
         ("1:3,", "straggler='1:3,', which is not INDEX:SLOWDOWN"),
         ("1:3,1:4", "straggler='1:3,1:4', which names worker 1 twice"),
         ("-1:3", "straggler='-1:3'; need INDEX >= 0"),
-        ("2:0.5", "straggler='2:0.5'; need INDEX >= 0 and SLOWDOWN >= 1"),
-        ("2:nan", "straggler='2:nan'; need INDEX >= 0 and SLOWDOWN >= 1")):
+        ("2:0.5", "straggler='2:0.5'; need INDEX >= 0 and a finite SLOWDOWN"),
+        ("2:nan", "straggler='2:nan'; need INDEX >= 0 and a finite SLOWDOWN"),
+        ("2:inf", "straggler='2:inf'; need INDEX >= 0 and a finite SLOWDOWN")):
       with self.assertRaises(ValueError) as raised:
         stragglers.parse(spec)
       self.assertIn(message, str(raised.exception))
