@@ -356,13 +356,13 @@ class GradientAggregator:
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
           finite)
+      parity = schedule.parity(step_index)
       if self._weight_sums is not None:
         # Added before the push lands, so the apply reads the whole sum.
         counted.append(self._weight_sums.scatter_nd_add(
-            tf.reshape(schedule.parity(step_index), [1, 1]),
+            tf.reshape(parity, [1, 1]),
             tf.reshape(tf.where(accepted, tf.cast(weight, tf.float32), 0.0),
                        [1])))
-      parity = schedule.parity(step_index)
 
     adds = []
     for device, entries in _group_by_device(flat).items():

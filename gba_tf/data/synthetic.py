@@ -248,25 +248,21 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
   if step_ms > 0:
     dataset = dataset.apply(compat.data_sleep(int(step_ms * 1000)))
   # One extra-sleep stream per distinct slowdown; stream 0 sleeps nothing.
-  extras = sorted({int(step_ms * (s - 1.0) * 1000)
-                   for s in stragglers.values()} - {0})
+  extra_us = {i: int(step_ms * (s - 1.0) * 1000)
+              for i, s in stragglers.items()}
+  extras = sorted(set(extra_us.values()) - {0})
   if extras:
     if index is None:
       index = worker_index()
     index = tf.cast(index, tf.int64)
-
-    def stream(slowdown):
-      extra = int(step_ms * (slowdown - 1.0) * 1000)
-      return extras.index(extra) + 1 if extra else 0
-
+    stream = {i: extras.index(us) + 1 if us else 0
+              for i, us in extra_us.items()}
     if period > 0:
       # The j-th straggler (by index) is worker base + j this period.
-      streams = [stream(s) for _, s in sorted(stragglers.items())]
+      streams = [stream[i] for i in sorted(stream)]
     else:
       # Worker i's stream, for i up to the highest index named (others: 0).
-      streams = [0] * (max(stragglers) + 1)
-      for i, s in stragglers.items():
-        streams[i] = stream(s)
+      streams = [stream.get(i, 0) for i in range(max(stream) + 1)]
     table = tf.constant(streams, tf.int64)
 
     def stream_now(_):

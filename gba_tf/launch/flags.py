@@ -12,6 +12,8 @@ from typing import Dict
 
 from absl import flags
 
+from gba_tf import config
+from gba_tf import staleness
 from gba_tf import stragglers
 
 FLAGS = flags.FLAGS
@@ -93,11 +95,11 @@ def define_flags() -> None:
   # GBA staleness policy (see gba_tf.config.GBAConfig).
   flags.DEFINE_integer("staleness_threshold", None,
                        "Gradients this stale or fresher count fully.")
-  flags.DEFINE_enum("decay", None, ("none", "exponential", "inverse"),
+  flags.DEFINE_enum("decay", None, list(staleness.DECAYS),
                     "Weight of gradients past the threshold.")
   flags.DEFINE_float("decay_rate", None, "Parameter of the decay.")
   flags.DEFINE_enum(
-      "normalize", None, ("global_batch", "weights"),
+      "normalize", None, config.NORMALIZATIONS,
       "A global step's weighted sum of gradients divided by M "
       "(global_batch, the default) or by the sum of the weights (weights).")
   flags.DEFINE_integer("max_staleness", None,
