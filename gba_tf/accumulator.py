@@ -326,11 +326,17 @@ class GradientAggregator:
     tensors = [g.values if isinstance(g, tf.IndexedSlices) else g
                for _, g, _ in flat]
     # A NaN or Inf from one worker (bad data, an overflow) would poison every
-    # later global step: checked next to each shard, before any ticket.
-    checks = []
+    # later global step: checked next to each shard, before any ticket. Every
+    # tensor crossing tasks costs a RecvTensor RPC, so each shard task sends
+    # the first PS task one flag for all of its gradients.
+    by_device = collections.defaultdict(list)
     for tensor in tensors:
-      with tf.device(tensor.device):
-        checks.append(tf.reduce_all(tf.math.is_finite(tensor)))
+      by_device[tensor.device].append(tensor)
+    checks = []
+    for device, group in by_device.items():
+      with tf.device(device):
+        checks.append(tf.reduce_all(tf.stack(
+            [tf.reduce_all(tf.math.is_finite(t)) for t in group])))
 
     with tf.device(self._device):
       with tf.control_dependencies(tensors):
@@ -364,14 +370,27 @@ class GradientAggregator:
             tf.reshape(tf.where(accepted, tf.cast(weight, tf.float32), 0.0),
                        [1])))
 
+      # What each shard needs of the decision, packed into one tensor so that
+      # it crosses to each shard task in one RPC, not three.
+      decision = tf.stack([tf.cast(parity, tf.float32),
+                           tf.cast(weight, tf.float32),
+                           tf.cast(accepted, tf.float32)])
+
     adds = []
     for device, entries in _group_by_device(flat).items():
       with tf.device(device):
-        def add(entries=entries):
+        if device == self._device:
+          local_parity, local_weight, local_accepted = parity, weight, accepted
+        else:
+          local = tf.identity(decision)
+          local_parity = tf.cast(local[0], tf.int64)
+          local_weight, local_accepted = local[1], local[2] > 0
+
+        def add(entries=entries, parity=local_parity, weight=local_weight):
           with tf.control_dependencies([slot.add(g, parity, weight)
                                         for slot, g, _ in entries]):
             return tf.constant(True)
-        adds.append(tf.cond(accepted, add, lambda: tf.constant(False)))
+        adds.append(tf.cond(local_accepted, add, lambda: tf.constant(False)))
 
     with tf.control_dependencies(_per_device_barriers(adds) + counted
                                  + [returned]):

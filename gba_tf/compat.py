@@ -172,6 +172,22 @@ def learning_rate_at_apply(optimizer: Any):
   at apply time by `with_fresh_apply_state`).
   """
   schedule = getattr(optimizer, "_learning_rate", None)
+  if (not is_legacy_optimizer(optimizer)
+      and isinstance(schedule, tf.Variable)):
+    # A constant rate is a variable that every variable's update reads. One
+    # read per global step, on the variable's task, is what the updates see
+    # instead: across tasks each read is a RecvTensor RPC, paid on every
+    # push even when the push does not apply (the apply is a branch of it).
+    # Still read at the apply, so a callback's change takes effect as in
+    # synchronous training.
+    with tf.device(schedule.device):
+      rate = schedule.read_value()
+    object.__setattr__(optimizer, "_learning_rate", rate)
+    try:
+      yield
+    finally:
+      object.__setattr__(optimizer, "_learning_rate", schedule)
+    return
   if (is_legacy_optimizer(optimizer) or not isinstance(
       schedule, tf.keras.optimizers.schedules.LearningRateSchedule)
       or not hasattr(optimizer, "_current_learning_rate")):

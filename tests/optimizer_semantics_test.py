@@ -77,8 +77,12 @@ def _loss(y, logits):
   return tf.reduce_mean(_bce(y, logits))
 
 
-def _single_process(make_optimizers, apply, constraint=None):
-  """The synchronous reference: one process, one step per global batch."""
+def _single_process(make_optimizers, apply, constraint=None,
+                    after_global_step=None):
+  """The synchronous reference: one process, one step per global batch.
+
+  `after_global_step(optimizers, k)` runs after global step k (1-based).
+  """
   ids, y = _data()
   model = _model(constraint)
   optimizers = make_optimizers(model)
@@ -88,11 +92,17 @@ def _single_process(make_optimizers, apply, constraint=None):
       loss = _loss(y[k * g:(k + 1) * g], model(ids[k * g:(k + 1) * g]))
     grads = tape.gradient(loss, model.trainable_variables)
     apply(optimizers, model, grads)
+    if after_global_step is not None:
+      after_global_step(optimizers, k + 1)
   return _params(model), optimizers
 
 
-def _gba(make_optimizers, apply, constraint=None, local_steps=_M * _STEPS):
-  """GBA over 2 workers and 2 PS, local steps serialized; returns params."""
+def _gba(make_optimizers, apply, constraint=None, local_steps=_M * _STEPS,
+         after_global_step=None):
+  """GBA over 2 workers and 2 PS, local steps serialized; returns params.
+
+  `after_global_step(optimizers, k)` runs once global step k is applied.
+  """
   ids, y = _data()
   config = gba_tf.GBAConfig(global_batch_size=_M * _LOCAL,
                             local_batch_size=_LOCAL)
@@ -120,6 +130,8 @@ def _gba(make_optimizers, apply, constraint=None, local_steps=_M * _STEPS):
     sl = slice(j * _LOCAL, (j + 1) * _LOCAL)
     coordinator.schedule(step, args=(tf.constant(ids[sl]),
                                      tf.constant(y[sl]))).fetch()
+    if after_global_step is not None and (j + 1) % _M == 0:
+      after_global_step(optimizers, (j + 1) // _M)
   return _params(model), optimizers, strategy
 
 
@@ -205,6 +217,24 @@ class SyncEquivalenceTest(tf.test.TestCase, parameterized.TestCase):
         lambda: type(optimizer_fn()).from_config(unclipped)))
     self.assertGreater(max(np.abs(p - w).max() for p, w in zip(plain, want)),
                        1e-3)
+
+  def test_learning_rate_changed_between_global_steps(self):
+    # A callback (ReduceLROnPlateau, a user's) assigns a constant rate's
+    # variable; GBA reads it once per global step, at the apply, so the new
+    # rate takes effect from the next global step, as in sync.
+    def lower_after_two(opt, k):
+      if k == 2:
+        opt.learning_rate.assign(0.005)
+
+    make, apply = _one(lambda: tf.keras.optimizers.Adagrad(0.5))
+    want, _ = _single_process(make, apply, after_global_step=lower_after_two)
+    got, opt, _ = _gba(make, apply, after_global_step=lower_after_two)
+    self.assert_same_params(got, want)
+    self.assertAllClose(opt.learning_rate.numpy(), 0.005)
+    # The change binds: at the old rate the reference ends elsewhere.
+    unchanged, _ = _single_process(make, apply)
+    self.assertGreater(
+        max(np.abs(u - w).max() for u, w in zip(unchanged, want)), 1e-3)
 
   def test_constraint_projects_after_each_global_step_only(self):
     nonneg = tf.keras.constraints.NonNeg()
