@@ -35,12 +35,13 @@ tickets `s*M .. s*M + M - 1`, whatever order they reached the shards in.
 
 * Dense gradients accumulate into a zero-initialised buffer.
 * Sparse gradients (`tf.IndexedSlices`, embeddings) are summed row-wise and
-  applied as `IndexedSlices` over the rows whose aggregate is not zero, so
+  applied as `IndexedSlices` over the rows the step's pushes touched, so
   slot optimizers (Adagrad, Adam) see the update of synchronous training:
   tf_keras deduplicates a synchronous global batch's sparse gradient into
-  the same summed unique rows. (A row whose M gradients sum to exactly zero
-  is left out; for the tf_keras optimizers a zero row is a no-op either way.)
-* Memory: two buffers per variable, so exactly 2x the variables served.
+  the same summed unique rows. Each push notes its rows in a queue next to
+  the buffers; the apply reads and clears only those rows.
+* Memory: two buffers per variable, so exactly 2x the variables served
+  (plus, between a push and its apply, the row ids of the open steps).
 
 Thread-safety: `push` builds ops that are safe to run concurrently from any
 number of workers; building (tracing) is done by one Python thread at a time.
@@ -70,6 +71,10 @@ _TF_OPS = schedule.Ops(maximum=tf.maximum, minimum=tf.minimum,
 _NEXT = 2
 _BUSY = 3
 
+# Entries (one per accepted push) a sparse slot's row queue can hold; an open
+# step holds M of them.
+_ROW_QUEUE_CAPACITY = 1 << 20
+
 # Hold-time samples kept by `enable_hold_profile` (a ring; newest win).
 _HOLD_PROFILE_SIZE = 16384
 
@@ -91,6 +96,21 @@ class _Slot:
     self.nbytes = (self._buffers.shape.num_elements()
                    * self._buffers.dtype.size)
     self.device = self._buffers.device
+    if sparse:
+      # The rows each accepted push added to, one queue per open step: the
+      # apply reads and clears those rows only, not the whole table (a scan
+      # of every row per apply was a large part of the PS's extra CPU with a
+      # 100k-row embedding). Held only between a push and its step's apply,
+      # as ids + 1 so that the queue's zero padding is no row.
+      with tf.device(self.device):
+        self._rows = [
+            tf.queue.PaddingFIFOQueue(
+                _ROW_QUEUE_CAPACITY, tf.int64, shapes=[[None]],
+                name=f"{_slot_name(var)}_rows{p}")
+            for p in range(schedule.OPEN_STEPS)]
+
+  def _rows_of(self, parity):
+    return tf.queue.QueueBase.from_list(tf.cast(parity, tf.int32), self._rows)
 
   def stage(self, grad):
     """Moves the gradient next to the buffers (before it takes a ticket)."""
@@ -113,8 +133,12 @@ class _Slot:
       if self.sparse:
         indices = tf.stack(
             [tf.fill(tf.shape(grad.indices), parity), grad.indices], axis=1)
-        return self._buffers.scatter_nd_add(
+        added = self._buffers.scatter_nd_add(
             indices, grad.values * tf.cast(weight, grad.values.dtype))
+        noted = self._rows_of(parity).enqueue(grad.indices + 1)
+        # A tensor after both (scatter_nd_add returns the variable).
+        with tf.control_dependencies([added, noted]):
+          return tf.identity(parity)
       return self._buffers.scatter_nd_add(
           tf.reshape(parity, [1, 1]),
           tf.expand_dims(grad * tf.cast(weight, grad.dtype), 0))
@@ -123,26 +147,31 @@ class _Slot:
     """Buffer `parity` divided by `divisor` (M, or the sum of the step's
     weights), and the buffer cleared."""
     with tf.device(self.device):
-      # A gather (ResourceGather) copies this one buffer; reading the whole
-      # variable would alias it and make concurrent adds copy both buffers.
-      summed = tf.gather(self._buffers, parity)
-      m = tf.cast(divisor, summed.dtype)
       if not self.sparse:
+        # A gather (ResourceGather) copies this one buffer; reading the whole
+        # variable would alias it and make concurrent adds copy both buffers.
+        summed = tf.gather(self._buffers, parity)
+        m = tf.cast(divisor, summed.dtype)
         with tf.control_dependencies([summed]):
           reset = self._buffers.scatter_nd_update(
               tf.reshape(parity, [1, 1]), tf.zeros_like(summed)[None])
         with tf.control_dependencies([reset]):
           return summed / m
-      axes = list(range(1, len(self._dense_shape)))
-      touched = tf.reduce_any(tf.not_equal(summed, 0), axis=axes)
-      rows = tf.reshape(tf.where(touched), [-1])
-      values = tf.gather(summed, rows)
-      reset = self._buffers.scatter_nd_update(
-          tf.stack([tf.fill(tf.shape(rows), parity), rows], axis=1),
-          tf.zeros_like(values))
+      # Every row an accepted push of this step added to, once: what
+      # tf_keras' deduplication of a synchronous global batch's sparse
+      # gradient gives (a row whose gradients sum to zero included). All of
+      # the step's pushes landed, so the queue holds exactly their rows;
+      # the next step of this parity takes tickets only after this apply.
+      queue = self._rows_of(parity)
+      noted = tf.reshape(queue.dequeue_many(queue.size()), [-1])
+      rows, _ = tf.unique(tf.boolean_mask(noted, noted > 0) - 1)
+      at = tf.stack([tf.fill(tf.shape(rows), parity), rows], axis=1)
+      values = self._buffers.gather_nd(at)
+      with tf.control_dependencies([values]):
+        reset = self._buffers.scatter_nd_update(at, tf.zeros_like(values))
       with tf.control_dependencies([reset]):
         return tf.IndexedSlices(
-            values / m, tf.identity(rows),
+            values / tf.cast(divisor, values.dtype), tf.identity(rows),
             dense_shape=tf.constant(self._dense_shape.as_list(), tf.int64))
 
 
