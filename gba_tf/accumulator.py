@@ -133,11 +133,14 @@ class _Slot:
       if self.sparse:
         indices = tf.stack(
             [tf.fill(tf.shape(grad.indices), parity), grad.indices], axis=1)
-        added = self._buffers.scatter_nd_add(
-            indices, grad.values * tf.cast(weight, grad.values.dtype))
+        # Noted before added: a push that dies in between leaves a noted row
+        # with nothing added, never an added row the apply would not clear.
         noted = self._rows_of(parity).enqueue(grad.indices + 1)
+        with tf.control_dependencies([noted]):
+          added = self._buffers.scatter_nd_add(
+              indices, grad.values * tf.cast(weight, grad.values.dtype))
         # A tensor after both (scatter_nd_add returns the variable).
-        with tf.control_dependencies([added, noted]):
+        with tf.control_dependencies([added]):
           return tf.identity(parity)
       return self._buffers.scatter_nd_add(
           tf.reshape(parity, [1, 1]),
