@@ -101,6 +101,30 @@ F4 = ([5, 0, 3], [[2, 0], [0, 2], [1, 1]], [-2, 2])
 F5 = ([3, 4, 5], [[1, 2], [3, 4], [5, 6]], [8, -8])
 
 
+class _RowRecordingSGD(tf.keras.optimizers.SGD):
+  """SGD that also counts, per row of each sparse variable, the steps whose
+  gradient held that row (what a lazy optimizer would update)."""
+
+  def build(self, var_list):
+    super().build(var_list)
+    if not hasattr(self, "rows_seen"):
+      self._seen_by_key = {}
+      self.rows_seen = []
+      for v in var_list:
+        if v.shape.rank == 2:
+          seen = self.add_variable_from_reference(v, "rows_seen",
+                                                  shape=v.shape[:1])
+          self._seen_by_key[self._var_key(v)] = seen
+          self.rows_seen.append(seen)
+
+  def update_step(self, gradient, variable):
+    if isinstance(gradient, tf.IndexedSlices):
+      seen = self._seen_by_key[self._var_key(variable)]
+      rows = tf.cast(gradient.indices, tf.int64)
+      seen.scatter_nd_add(rows[:, None], tf.ones(tf.shape(rows), seen.dtype))
+    super().update_step(gradient, variable)
+
+
 class GBAStrategyExactnessTest(tf.test.TestCase):
 
   def test_each_global_step_applies_weighted_mean_of_m_gradients(self):
@@ -259,6 +283,25 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     self.assertEqual(m["global_steps"], 2)
     self.assertEqual(m["staleness_histogram"][:2], [4, 0])
     self.assertAllClose(w.numpy(), [-2.0, -4.0])
+
+  def test_sparse_rows_are_those_the_step_touched_even_if_they_cancel(self):
+    # M = 2. Step 1 pushes +1 and -1 on row 1 (they cancel) and +1 on row
+    # 4; step 2 pushes +1 on row 4 twice. tf_keras deduplicates a
+    # synchronous global batch's sparse gradient into its unique ids, so
+    # sync hands the optimizer rows {1, 4} at step 1 (row 1 with a zero
+    # sum) and {4} at step 2. A lazy optimizer (one that updates only the
+    # rows it is given) sees the difference; the recording optimizer below
+    # counts, per table row, the steps whose gradient held it.
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: _RowRecordingSGD(1.0))
+    h.run(([1, 4], [[1, 0], [1, 0]], [0, 0]), ([1], [[-1, 0]], [0, 0]))
+    h.run(([4], [[1, 0]], [0, 0]), ([4], [[1, 0]], [0, 0]))
+    # Rows 0-2 on ps:0, 3-5 on ps:1 (local rows 0-2 of each shard).
+    seen = [v.numpy() for v in h.optimizer.rows_seen]
+    self.assertAllEqual(np.concatenate(seen), [0, 1, 0, 0, 2, 0])
+    self.assertEqual(h.optimizer.iterations.numpy(), 2)
 
   def test_no_update_lost_under_concurrent_pushes(self):
     # 40 local steps scheduled at once on both workers, every push the same:
