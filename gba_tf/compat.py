@@ -160,16 +160,17 @@ def clip_aggregated(optimizer: Any, grads_and_vars: Sequence[Tuple[Any, Any]],
 
 @contextlib.contextmanager
 def learning_rate_at_apply(optimizer: Any):
-  """Makes the new optimizer's update read its schedule at the global step.
+  """Makes the new optimizer's update read its rate once, at the global step.
 
   A new tf_keras optimizer with a `LearningRateSchedule` keeps the current
   rate in a variable that every local `apply_gradients` writes, outside any
   lock; an update reading that variable could see a rate another worker
   computed at an older step. Inside this context, `optimizer.learning_rate`
   is instead a tensor computed here from `iterations` (the global step); the
-  variable is still written, for callbacks and checkpoints. Legacy
-  optimizers and constant rates pass through (their `_prepare` is computed
-  at apply time by `with_fresh_apply_state`).
+  variable is still written, for callbacks and checkpoints. A constant rate
+  (a variable a callback may assign) is read once here, on its own task,
+  instead of once per updated variable. Legacy optimizers pass through
+  (their `_prepare` is computed at apply time by `with_fresh_apply_state`).
   """
   schedule = getattr(optimizer, "_learning_rate", None)
   if (not is_legacy_optimizer(optimizer)
