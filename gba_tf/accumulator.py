@@ -355,20 +355,20 @@ class GradientAggregator:
     staged = [[(slot, slot.stage(g), v) for slot, g, v in part]
               for part in staged]
     flat = [entry for part in staged for entry in part]
-    tensors = [g.values if isinstance(g, tf.IndexedSlices) else g
-               for _, g, _ in flat]
+    tensors = [_dense_part(g) for _, g, _ in flat]
+    # The shard tasks the push touches: the finite check and the add each
+    # run once per task.
+    by_task = _group_by_device(flat)
     # A NaN or Inf from one worker (bad data, an overflow) would poison every
     # later global step: checked next to each shard, before any ticket. Every
     # tensor crossing tasks costs a RecvTensor RPC, so each shard task sends
     # the first PS task one flag for all of its gradients.
-    by_device = collections.defaultdict(list)
-    for tensor in tensors:
-      by_device[tensor.device].append(tensor)
     checks = []
-    for device, group in by_device.items():
+    for device, entries in by_task.items():
       with tf.device(device):
         checks.append(tf.reduce_all(tf.stack(
-            [tf.reduce_all(tf.math.is_finite(t)) for t in group])))
+            [tf.reduce_all(tf.math.is_finite(_dense_part(g)))
+             for _, g, _ in entries])))
 
     with tf.device(self._device):
       with tf.control_dependencies(tensors):
@@ -409,7 +409,7 @@ class GradientAggregator:
                            tf.cast(accepted, tf.float32)])
 
     adds = []
-    for device, entries in _group_by_device(flat).items():
+    for device, entries in by_task.items():
       with tf.device(device):
         if device == self._device:
           local_parity, local_weight, local_accepted = parity, weight, accepted
@@ -590,6 +590,11 @@ def _after_update(var):
     if var.shape.rank == 0:
       return var.read_value()
     return var.sparse_read([0])
+
+
+def _dense_part(grad):
+  """The values of a gradient: `IndexedSlices.values`, or the tensor."""
+  return grad.values if isinstance(grad, tf.IndexedSlices) else grad
 
 
 def _group_by_device(entries) -> Dict[str, list]:
