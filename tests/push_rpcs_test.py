@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 from google.protobuf import text_format
+import gba_tf  # sets TF_USE_LEGACY_KERAS=1 before TensorFlow loads
 import tensorflow as tf
 
 from tests import testing_utils
@@ -39,7 +40,6 @@ _PARTITION = re.compile(
 
 def probe(mode: str) -> None:
   """Runs one local step of DCN-v2 under `mode` ("pss" or "gba")."""
-  import gba_tf  # pylint: disable=g-import-not-at-top
   from gba_tf import models  # pylint: disable=g-import-not-at-top
   from gba_tf.launch import local_cluster  # pylint: disable=g-import-not-at-top
 
