@@ -236,6 +236,23 @@ class InputPipelineTest(tf.test.TestCase):
     # Sync: every step waits for worker 1's 200 ms batch.
     self.assertAllClose(sync.local_steps_per_s, 2 / 0.2, rtol=0.01)
 
+  def test_a_worker_waiting_for_input_computes_on_the_token_it_read_first(
+      self):
+    # Async, no costs. Worker 0 computes 10 ms (input 1 ms: never waits);
+    # worker 1 computes 5 ms but its batch is ready only every 100 ms. The
+    # step reads its token as it starts, concurrently with the input:
+    #   t=0      w1 reads token 0, waits for its batch until t=0.1
+    #   t=0.105  w1 pushes; w0 pushed at 0.01, ..., 0.10: tau 10
+    #   t=0.105  w1 reads token 11 (its own push applied), waits until 0.2,
+    #            pushes at 0.205 after w0's at 0.11, ..., 0.20: tau 10.
+    # Read after the wait (the other order), both would be tau 0.
+    cluster = engine.ClusterModel(
+        num_workers=2, compute=timing.ComputeModel(0.005, fixed={0: 2.0}),
+        input_s=0.001, input_slowdown={1: 100.0})
+    result = engine.simulate("async", cluster, 30)
+    self.assertEqual(result.tau[result.worker == 1][:2].tolist(), [10, 10])
+    self.assertEqual(result.token[result.worker == 1][:2].tolist(), [0, 11])
+
 
 class SimulateBinaryTest(tf.test.TestCase):
 

@@ -11,10 +11,12 @@ preset), the functions `gba_tf.accumulator` evaluates in TensorFlow.
 One local step of a PS mode, as the runtime runs it:
 
 1. the coordinator dispatches the worker's next step (`overhead_s`: the
-   closure's round trip, Keras' bookkeeping); the worker takes its next
-   input batch (optional: an input pipeline one batch ahead, `input_s` per
-   batch, the way the local benchmark emulates compute), reads its token
-   (the global step) and computes for `ComputeModel.sample()` seconds;
+   closure's round trip, Keras' bookkeeping); the worker reads its token
+   (the global step) and, at the same time, takes its next input batch
+   (optional: an input pipeline one batch ahead, `input_s` per batch, the
+   way the local benchmark emulates compute): a worker that waits for its
+   batch computes on the token it read before the wait, as TF runs the two
+   reads concurrently. It computes for `ComputeModel.sample()` seconds;
 2. its push travels `rpc_s` to the parameter servers;
 3. `gba`: it takes the next ticket (a FIFO; it waits while both open steps'
    tickets are out), adds its weighted gradient on every shard
@@ -358,15 +360,20 @@ class _PSSimulation:
     if self.started >= self.total:
       return
     self.started += 1
-    self.push_event(max(t + self.c.overhead_s, self.ready[w]), _TOKEN, w)
+    self.push_event(t + self.c.overhead_s, _TOKEN, w)
 
   def token(self, t, w):
-    # The batch is taken; the pipeline starts on the next one.
-    self.ready[w] = t + self.c.input_time(w)
+    # The step reads its token as it starts: nothing in the step function
+    # orders the read after the input's GetNext, so TF runs the two at once
+    # and a worker that waits for its batch computes on an older token.
     self.tokens[w] = self.global_step
-    compute = self.clocks[w].sample(t)
+    begin = max(t, self.ready[w])
+    # The batch is taken; the pipeline starts on the next one.
+    self.ready[w] = begin + self.c.input_time(w)
+    compute = self.clocks[w].sample(begin)
     self.computed[w] += compute
-    self.push_event(t + compute + self.c.rpc_s + self.c.push_s, _ARRIVE, w)
+    self.push_event(begin + compute + self.c.rpc_s + self.c.push_s, _ARRIVE,
+                    w)
 
   def reply(self, t, w):
     """The push of worker w is done at t; its next step starts after the
