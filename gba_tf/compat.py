@@ -18,6 +18,7 @@ from tensorflow.python.eager import context as _context
 from tensorflow.python.distribute import parameter_server_strategy_v2
 from tensorflow.python.distribute.coordinator import cluster_coordinator as _cluster_coordinator
 from tensorflow.python.checkpoint import checkpoint_management as _checkpoint_management
+from tensorflow.python.data.experimental.ops import data_service_ops as _data_service_ops
 from tensorflow.python.data.experimental.ops import testing as _data_testing
 from tensorflow.python.framework import ops
 # pylint: enable=g-direct-tensorflow-import,unused-import
@@ -258,6 +259,19 @@ def is_weight_decay_merge_fn(merge_fn: Any) -> bool:
 def data_sleep(sleep_microseconds):
   """`tf.data.experimental.sleep`, which TF 2.21 does not export."""
   return _data_testing.sleep(sleep_microseconds)
+
+
+def forget_data_service_functions() -> None:
+  """Makes the next tf.data service dataset trace its own functions.
+
+  TF 2.21 caches the service dataset's `uncompress` function per element
+  spec, across traces. A dataset function traced for remote workers after
+  an earlier one (eager, or another trace) with the same spec refers to the
+  cached function without adding it to its own library, and the workers
+  fail with "Could not find required function definition
+  __inference_DataServiceDataset_uncompress_lambda_N".
+  """
+  _data_service_ops._get_uncompress_func.cache_clear()  # pylint: disable=protected-access
 
 
 def replace_extended(strategy: Any, extended: Any) -> None:

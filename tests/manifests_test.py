@@ -50,6 +50,13 @@ class ManifestTest(parameterized.TestCase):
       self.assertIn("--flagfile=/config/job.cfg", container["args"], role)
       mounts = {m["mountPath"] for m in container["volumeMounts"]}
       self.assertIn("/config", mounts, role)
+    # --input=shared: the task running the tf.data service (the chief;
+    # worker 0 in sync) declares its port.
+    if flags.get("input") == "shared":
+      host = specs["Chief" if mode == "gba" else "Worker"]
+      ports = {p["containerPort"] for p in host["template"]["spec"][
+          "containers"][0].get("ports", [])}
+      self.assertIn(int(flags["data_service_port"]), ports)
     # Whoever writes checkpoints mounts the model volume.
     writer = specs["Chief" if mode == "gba" else "Worker"]
     self.assertIn("/model", {m["mountPath"] for m in writer["template"][

@@ -42,6 +42,8 @@ def _check_job_flags(launcher, model_dir: str) -> None:
   is one line from the launcher, not one per task after their start-up."""
   # The tasks get --model_dir; resolving without it would make a temp dir.
   FLAGS.model_dir = model_dir
+  # ... and the port of the chief's tf.data service, picked per phase.
+  FLAGS.data_service_port = 1
   modes = ("sync", "gba") if FLAGS.mode == "auto" else (FLAGS.mode,)
   for mode in modes:
     spec = launcher.spec_for(mode)

@@ -144,7 +144,8 @@ def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
                num_shards: int = 1, straggler_until: float = 0.0,
                global_batch_size: Optional[int] = None,
                straggler_period: float = 0.0, num_workers: int = 1,
-               nonfinite_worker: int = -1, straggler_stop_file: str = ""):
+               nonfinite_worker: int = -1, straggler_stop_file: str = "",
+               shared=None):
   """A `dataset_fn` for `DatasetCreator` / per-worker datasets.
 
   Repeats `(ids, labels[:, None])` in batches, optionally shuffled, with the
@@ -156,6 +157,10 @@ def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
   With `global_batch_size` the batch is the per-replica share that
   `input_context` computes (MultiWorkerMirroredStrategy: global / workers);
   otherwise `local_batch_size`.
+
+  With `shared` (a `gba_tf.data.shared_epoch.SharedEpoch` over these
+  examples) every worker instead takes its batches from the one stream the
+  tf.data service serves, and gathers their features here, on the worker.
   """
   validate_examples(ids, labels)
   labels = np.asarray(labels, np.float32).reshape(-1, 1)
@@ -165,12 +170,17 @@ def dataset_fn(ids: np.ndarray, labels: np.ndarray, local_batch_size: int,
     batch = local_batch_size
     if global_batch_size is not None and input_context is not None:
       batch = input_context.get_per_replica_batch_size(global_batch_size)
-    ds = tf.data.Dataset.from_tensor_slices((ids, labels))
-    if num_shards > 1:
-      ds = ds.shard(num_shards, tf.maximum(tf.cast(index, tf.int64), 0))
-    if shuffle_seed is not None:
-      ds = ds.shuffle(8192, seed=shuffle_seed)
-    ds = ds.repeat().batch(batch, drop_remainder=True)
+    if shared is not None:
+      table_ids, table_labels = tf.constant(ids), tf.constant(labels)
+      ds = shared.batches(batch).map(lambda rows: (
+          tf.gather(table_ids, rows), tf.gather(table_labels, rows)))
+    else:
+      ds = tf.data.Dataset.from_tensor_slices((ids, labels))
+      if num_shards > 1:
+        ds = ds.shard(num_shards, tf.maximum(tf.cast(index, tf.int64), 0))
+      if shuffle_seed is not None:
+        ds = ds.shuffle(8192, seed=shuffle_seed)
+      ds = ds.repeat().batch(batch, drop_remainder=True)
     if nonfinite_worker >= 0:
       poisoned = tf.equal(index, nonfinite_worker)
       ds = ds.map(lambda x, y: (x, tf.where(poisoned, y * np.nan, y)))

@@ -67,6 +67,19 @@ def define_flags() -> None:
       "gba, or the baselines synchronous-over-PS, backup workers (M = "
       "workers - 1, stale gradients dropped) and bounded staleness (M = 1, "
       "dropped past --max_staleness, default 4).")
+  flags.DEFINE_enum(
+      "input", "sharded", ("sharded", "shared"),
+      "sharded: worker i reads its own shard of the training data, so a "
+      "fast worker cycles its shard more often than a straggler. shared: "
+      "every worker draws from one stream served by the tf.data service "
+      "(gba_tf.data.shared_epoch), which the chief task starts: one pass "
+      "visits every example once, whatever the worker speeds.")
+  flags.DEFINE_integer(
+      "data_service_port", 0,
+      "Port of the tf.data service dispatcher in the chief task (worker 0 "
+      "in sync mode without a chief) for --input=shared. Every task of a "
+      "cluster needs the same one; gba-launch picks a free port per phase. "
+      "0: any free port, for a one-process job only.")
   flags.DEFINE_integer("embedding_dim", 8, "Embedding width.")
   flags.DEFINE_integer("train_examples", 100_000,
                        "Distinct synthetic training examples (repeated).")

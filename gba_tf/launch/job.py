@@ -36,6 +36,7 @@ from gba_tf import export as export_lib
 from gba_tf import models
 from gba_tf import strategy as strategy_lib
 from gba_tf import switching
+from gba_tf.data import shared_epoch
 from gba_tf.data import synthetic
 from gba_tf.launch import flags as gba_flags
 from gba_tf.launch import job_config
@@ -58,6 +59,7 @@ class Job:
     self.config = config
     self.task = task
     self._data = None
+    self._service = None  # the tf.data service, in the chief (shared input)
 
   @property
   def data(self) -> job_data.JobData:
@@ -74,7 +76,16 @@ class Job:
     optimizer = _OPTIMIZERS[self.config.optimizer](self.config.learning_rate)
     return model, optimizer
 
-  def _dataset_fn(self, sync: bool):
+  def _dataset_fn(self, sync: bool, start_step: int = 0):
+    shared = None
+    if self.config.input == "shared":
+      # Every mode consumes one global batch of the stream per optimizer
+      # step: a resumed or switched phase goes on where the last stopped.
+      shared = shared_epoch.SharedEpoch(
+          self.config.data_service,
+          job_name=f"gba_tf-{self.config.mode}-{start_step}",
+          num_examples=len(self.data.train_ids), seed=self.config.seed,
+          start=start_step * self.config.global_batch_size)
     return synthetic.dataset_fn(
         self.data.train_ids, self.data.train_labels,
         self.config.local_batch_size, self.config.step_ms,
@@ -85,7 +96,8 @@ class Job:
         global_batch_size=self.config.global_batch_size if sync else None,
         straggler_period=self.config.straggler_period,
         num_workers=self.config.num_workers,
-        nonfinite_worker=self.config.inject_nonfinite_worker)
+        nonfinite_worker=self.config.inject_nonfinite_worker,
+        shared=shared)
 
   # -- phases -----------------------------------------------------------------
 
@@ -198,9 +210,12 @@ class Job:
             lambda epoch: (done + min((epoch + 1) * steps_per_epoch,
                                       remaining)) * batch)
         callbacks.append(curve)
+      if c.input == "shared" and self.task.is_chief:
+        self._start_data_service()
       start = time.perf_counter()
       model.fit(
-          tf.keras.utils.experimental.DatasetCreator(self._dataset_fn(sync)),
+          tf.keras.utils.experimental.DatasetCreator(
+              self._dataset_fn(sync, restored)),
           epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
           verbose=2 if self.task.is_chief else 0)
       seconds = time.perf_counter() - start
@@ -231,6 +246,23 @@ class Job:
     if c.export_dir:
       self._export(model, sync)
     return 0
+
+  def _start_data_service(self) -> None:
+    """The tf.data service of --input=shared: dispatcher + one data worker.
+
+    In this task because it already exists on every cluster shape (the
+    chief, or worker 0 of a sync cluster without one); serving batches of
+    example indices is light enough for one data worker (see
+    `gba_tf.data.shared_epoch`).
+    """
+    address = self.config.data_service[len("grpc://"):]
+    host, port = address.rsplit(":", 1)
+    self._service = shared_epoch.DataService(int(port), host=host)
+    if self.config.data_service.endswith(":0"):
+      # A one-process job: the port was left to the system.
+      self.config = dataclasses.replace(
+          self.config, data_service=self._service.target)
+    _log(f"[job] tf.data service at {self._service.target} (shared epoch)")
 
   def _export(self, model, sync: bool) -> None:
     c = self.config

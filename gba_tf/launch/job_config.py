@@ -56,6 +56,8 @@ class JobConfig:
   straggler_stop_file: str
   straggler_period: int
   inject_nonfinite_worker: int
+  input: str
+  data_service: Optional[str]
   health_check_steps: int
   health_window: int
   health_slow_ratio: float
@@ -138,6 +140,7 @@ def config_from_flags(task: tasks.TaskConfig,
         f"multiple of the {workers} sync workers.")
   if f.export_dir:
     export_lib.check_export_dir(f.export_dir)
+  data_service = _data_service(task, mode, f.input, f.data_service_port)
   model_dir = f.model_dir or tempfile.mkdtemp(prefix="gba_train_")
   return JobConfig(
       mode=mode, auto=f.mode == "auto", model_dir=model_dir,
@@ -156,9 +159,31 @@ def config_from_flags(task: tasks.TaskConfig,
       straggler_stop_file=f.straggler_stop_file,
       straggler_period=f.straggler_period,
       inject_nonfinite_worker=f.inject_nonfinite_worker,
+      input=f.input, data_service=data_service,
       health_check_steps=f.health_check_steps,
       health_window=f.health_window,
       health_slow_ratio=f.health_slow_ratio)
+
+
+def _data_service(task: tasks.TaskConfig, mode: str, input_mode: str,
+                  port: int) -> Optional[str]:
+  """The tf.data service dispatcher's address (--input=shared), or None.
+
+  It runs in the chief task, at the chief's host as TF_CONFIG names it.
+  """
+  if not 0 <= port < 65536:
+    raise ValueError(f"Received: --data_service_port={port}, which must be "
+                     "in [0, 65535].")
+  if input_mode != "shared":
+    return None
+  chief = task.cluster.get("chief") or task.cluster.get("worker")
+  if not chief or task.task_type is None:
+    return f"grpc://127.0.0.1:{port}"
+  if port == 0:
+    raise ValueError("Received: --data_service_port=0 with --input=shared "
+                     f"in a {mode} cluster; every task must know the port "
+                     "of the chief's tf.data service.")
+  return f"grpc://{chief[0].rsplit(':', 1)[0]}:{port}"
 
 
 def global_batch_from_flags(num_workers=None) -> int:

@@ -170,8 +170,12 @@ class LocalLauncher:
 
   def _start(self, mode: str) -> str:
     self._spec = self.spec_for(mode)
+    # A free port for the chief's tf.data service (used by --input=shared):
+    # every task of the phase must know it before the chief starts.
+    service_port = tasks.pick_unused_ports(1)[0]
     self._args = self.train_args + [f"--mode={self.mode}",
-                                    f"--model_dir={self.model_dir}"]
+                                    f"--model_dir={self.model_dir}",
+                                    f"--data_service_port={service_port}"]
     if self.straggler_until:
       self._args.append(f"--straggler_until={self.straggler_until}")
     self._due = {}
