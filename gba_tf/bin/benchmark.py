@@ -10,6 +10,7 @@ the machine's speed spreads over all modes.
   gba-benchmark              # the full table, <= 20 min (make bench)
   gba-benchmark --ablation   # decay / threshold ablation
   gba-benchmark --tiny       # CI: every mode, 2 workers
+  gba-benchmark --converge   # final accuracy at convergence, paired by seed
   python scripts/benchmark.py ...   # a source checkout; the same
 
 Run from a source checkout (or pass `--base_flagfile`): the job's settings
@@ -39,6 +40,7 @@ from absl import flags
 
 import gba_tf  # pylint: disable=unused-import  (TF_USE_LEGACY_KERAS first)
 from gba_tf import stragglers
+from gba_tf.launch import convergence
 from gba_tf.launch import flags as gba_flags
 from gba_tf.launch import launcher as launcher_lib
 
@@ -80,6 +82,28 @@ ABLATION = {
     "drop_t2": ["--decay=none", "--staleness_threshold=2",
                 "--max_staleness=2"],
 }
+# --converge: per dataset, the job each seed runs in every mode and
+# condition (on top of the benchmark flagfile). Every run draws from one
+# shared stream (--input=shared), so a straggler takes fewer batches instead
+# of leaving a shard of its own under-sampled; ten evaluations give the
+# curve whose last 20% decides the plateau (gba_tf.launch.convergence).
+CONVERGE = {
+    "synthetic": ["--dataset=synthetic", "--model=dcn",
+                  "--train_examples=50000", "--train_steps=300",
+                  "--steps_per_loop=30", "--step_ms=20"],
+    "movielens": ["--dataset=movielens", "--model=embedding_mlp",
+                  "--train_steps=300", "--steps_per_loop=30",
+                  "--step_ms=20"],
+}
+CONVERGE_COMMON = ["--input=shared", "--eval_examples=5000"]
+CONVERGE_MODES = ("sync", "gba", "async")
+CONVERGE_CONDITIONS = ("healthy", "straggler", "two_stragglers")
+CONVERGE_TINY = ["--workers=2", "--ps=1", "--local_batch_size=128",
+                 "--global_batch_size=256", "--train_steps=8",
+                 "--steps_per_loop=4", "--step_ms=10",
+                 "--eval_examples=2000", "--test_examples=4000",
+                 "--train_examples=20000", "--model=embedding_mlp",
+                 "--learning_rate=0.1"]
 SCHEMA_VERSION = 1
 
 
@@ -91,7 +115,12 @@ def define_flags():
                     "workers, a few steps.")
   flags.DEFINE_bool("ablation", False, "Decay ablation instead of the mode "
                     "comparison.")
-  flags.DEFINE_integer("repeats", 3, "Repeats per case (interleaved).")
+  flags.DEFINE_bool("converge", False, "Final accuracy at convergence: "
+                    "--datasets x conditions x modes, --repeats seeds, "
+                    "each mode paired by seed against healthy sync.")
+  flags.DEFINE_list("datasets", list(CONVERGE), "--converge: datasets.")
+  flags.DEFINE_integer("repeats", 3, "Repeats per case (interleaved); "
+                       "--converge: seeds (default 5).")
   flags.DEFINE_list("modes", None, "Subset of modes; default all.")
   flags.DEFINE_list("conditions", None, "Subset of conditions; default all.")
   flags.DEFINE_string("out_dir", "results",
@@ -145,7 +174,7 @@ def _plan():
 def _user_args():
   """This command's own flags, forwarded to every run (flagfile first)."""
   own = {"quick", "tiny", "ablation", "repeats", "modes", "conditions",
-         "out_dir", "name", "base_flagfile"}
+         "out_dir", "name", "base_flagfile", "converge", "datasets"}
   return [a for a in sys.argv[1:]
           if a.lstrip("-").split("=")[0].removeprefix("no") not in own]
 
@@ -183,7 +212,8 @@ def base_flagfile() -> str:
                    "here or in a source checkout of gba_tf.")
 
 
-def run_case(condition, mode, args, extra, repeat, log_dir, flagfile):
+def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
+             tag=""):
   """One job; returns its row for the JSON."""
   straggler, _ = CONDITIONS[condition]
   model_dir = tempfile.mkdtemp(prefix=f"gba_bench_{condition}_{mode}_")
@@ -191,7 +221,8 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile):
                 + extra + _user_args() + args +
                 [f"--straggler={straggler}", "--nocheckpoint_every_loop",
                  f"--seed={repeat}"])
-  log_path = os.path.join(log_dir, f"{condition}-{mode}-r{repeat}.log")
+  log_path = os.path.join(log_dir,
+                          f"{tag}{condition}-{mode}-r{repeat}.log")
   start = time.perf_counter()
   with open(log_path, "w") as log:
     launcher = launcher_lib.LocalLauncher(
@@ -364,8 +395,181 @@ def plot(rows, summary, stem):
   plt.close(fig)
 
 
+def _converge_plan():
+  """(name, [(dataset, condition, mode, args)], seeds) of --converge."""
+  if FLAGS.tiny:
+    # CI: the whole path (shared stream, curves, plateau, pairing) on the
+    # smallest job: healthy sync against GBA with a straggler, 2 seeds.
+    cases = [("synthetic", "healthy", "sync"), ("synthetic", "straggler",
+                                                "gba")]
+    return ("converge_tiny", [(d, c, m, MODES[m] + CONVERGE_COMMON +
+                               CONVERGE_TINY) for d, c, m in cases],
+            FLAGS.repeats if FLAGS["repeats"].present else 2)
+  datasets = FLAGS.datasets
+  modes = FLAGS.modes or list(CONVERGE_MODES)
+  conditions = FLAGS.conditions or list(CONVERGE_CONDITIONS)
+  for d in datasets:
+    if d not in CONVERGE:
+      raise ValueError(f"Received: --datasets={d}, which is not one of "
+                       f"{list(CONVERGE)}.")
+  for m in modes:
+    if m not in MODES:
+      raise ValueError(f"Received: --modes={m}, which is not one of "
+                       f"{list(MODES)}.")
+  for c in conditions:
+    if c not in CONDITIONS:
+      raise ValueError(f"Received: --conditions={c}, which is not one of "
+                       f"{list(CONDITIONS)}.")
+  if "sync" not in modes or "healthy" not in conditions:
+    raise ValueError("Received: --modes / --conditions without healthy "
+                     "sync, which every mode is paired against.")
+  cases = [(d, c, m, MODES[m] + CONVERGE_COMMON + CONVERGE[d])
+           for d in datasets for c in conditions for m in modes]
+  seeds = FLAGS.repeats if FLAGS["repeats"].present else 5
+  return FLAGS.name or "converge", cases, seeds
+
+
+def summarize_converge(rows):
+  """Per (dataset, condition, mode): final AUC / logloss and plateau per
+  seed, and the differences from healthy sync paired by seed."""
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["dataset"], row["condition"], row["mode"]),
+                      []).append(row)
+  summary = []
+  for (dataset, condition, mode), runs in groups.items():
+    ref = groups.get((dataset, "healthy", "sync"), [])
+    by_seed = lambda rs, key: {r["repeat"]: r[key] for r in rs}  # pylint: disable=unnecessary-lambda-assignment
+    auc = convergence.paired_difference(by_seed(runs, "test_auc"),
+                                        by_seed(ref, "test_auc"))
+    logloss = convergence.paired_difference(by_seed(runs, "test_logloss"),
+                                            by_seed(ref, "test_logloss"))
+    gains = [convergence.plateau_gain(r["curve"]) for r in runs]
+    summary.append({
+        "dataset": dataset, "condition": condition, "mode": mode,
+        "seeds": len(runs),
+        "test_auc": statistics.fmean(r["test_auc"] for r in runs),
+        "test_logloss": statistics.fmean(r["test_logloss"] for r in runs),
+        "best_auc": runs[0]["best_auc"],
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in runs),
+        "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
+        "plateau_gain": gains,
+        "plateaued": sum(g < convergence.PLATEAU_MIN_GAIN for g in gains),
+        "auc_vs_healthy_sync": auc,
+        "logloss_vs_healthy_sync": logloss,
+        "meets_target": (convergence.meets_target(auc)
+                         if (condition, mode) != ("healthy", "sync")
+                         else None),
+    })
+  return summary
+
+
+def converge_table(summary) -> str:
+  lines = [f"{'dataset':10} {'condition':15} {'mode':18} {'AUC':>7} "
+           f"{'logloss':>8} {'dAUC vs healthy sync [95% CI]':>34} "
+           f"{'plateaued':>9} {'samples/s':>9}"]
+  for e in summary:
+    d = e["auc_vs_healthy_sync"]
+    lines.append(
+        f"{e['dataset']:10} {e['condition']:15} {e['mode']:18} "
+        f"{e['test_auc']:7.4f} {e['test_logloss']:8.4f} "
+        f"{d['mean']:+10.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (n={d['n']})"
+        f" {e['plateaued']:>5}/{e['seeds']} {e['samples_per_s']:9.0f}")
+  lines.append(f"plateaued: AUC gain < {convergence.PLATEAU_MIN_GAIN} over "
+               f"the last {convergence.PLATEAU_FRACTION:.0%} of the samples")
+  return "\n".join(lines)
+
+
+def plot_converge(rows, stem):
+  """AUC against samples and against training seconds, seed bands."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  conditions = list(dict.fromkeys(r["condition"] for r in rows))
+  for x_key, suffix, label in (("samples", "auc", "samples seen"),
+                               ("train_seconds", "auc_wallclock",
+                                "training seconds")):
+    fig, axes = plt.subplots(len(datasets), len(conditions),
+                             figsize=(5 * len(conditions),
+                                      4 * len(datasets)), squeeze=False)
+    for i, dataset in enumerate(datasets):
+      for j, condition in enumerate(conditions):
+        ax = axes[i][j]
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+          runs = [r for r in rows if (r["dataset"], r["condition"],
+                                      r["mode"]) == (dataset, condition,
+                                                     mode)]
+          if not runs:
+            continue
+          n = min(len(r["curve"]) for r in runs)
+          xs = [statistics.fmean(r["curve"][k][x_key] for r in runs)
+                for k in range(n)]
+          aucs = [[r["curve"][k]["auc"] for r in runs] for k in range(n)]
+          line, = ax.plot(xs, [statistics.fmean(a) for a in aucs],
+                          label=mode)
+          ax.fill_between(xs, [min(a) for a in aucs],
+                          [max(a) for a in aucs], alpha=0.2,
+                          color=line.get_color())
+        ax.set_title(f"{dataset}, {condition}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out AUC (band: seeds' min-max)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{stem}_{suffix}.png", dpi=100)
+    plt.close(fig)
+
+
+def converge_main(flagfile) -> int:
+  name, cases, seeds = _converge_plan()
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  log_dir = os.path.join(FLAGS.out_dir, f"{name}_logs")
+  os.makedirs(log_dir, exist_ok=True)
+  total = len(cases) * seeds
+  print(f"{name}: {len(cases)} cases x {seeds} seeds = {total} jobs; logs "
+        f"in {log_dir}", flush=True)
+  rows, start = [], time.perf_counter()
+  # Seed-major: drift in the machine's speed spreads over every case.
+  for seed in range(seeds):
+    for dataset, condition, mode, args in cases:
+      row = run_case(condition, mode, args, [], seed, log_dir, flagfile,
+                     tag=f"{dataset}-")
+      row["dataset"] = dataset
+      rows.append(row)
+      print(f"[{len(rows)}/{total}] {dataset:9} {condition:14} {mode:17} "
+            f"seed {seed}: test AUC {row['test_auc']:.4f}, plateau gain "
+            f"{convergence.plateau_gain(row['curve']):+.4f}, "
+            f"{row['wall_seconds']:5.1f} s wall "
+            f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
+  summary = summarize_converge(rows)
+  print()
+  print(converge_table(summary))
+  stem = os.path.join(FLAGS.out_dir, name)
+  with open(f"{stem}.json", "w") as f:
+    json.dump({"schema_version": SCHEMA_VERSION, "name": name,
+               "command": " ".join([os.path.basename(sys.argv[0])] +
+                                   sys.argv[1:]),
+               "seconds": time.perf_counter() - start,
+               "plateau": {"fraction": convergence.PLATEAU_FRACTION,
+                           "min_gain": convergence.PLATEAU_MIN_GAIN},
+               "summary": summary, "runs": rows}, f, indent=2)
+  plot_converge(rows, stem)
+  print(f"\nwrote {stem}.json, {stem}_auc.png, {stem}_auc_wallclock.png")
+  return 0
+
+
 def main(argv):
   del argv
+  if FLAGS.converge:
+    try:
+      flagfile = base_flagfile()
+      _converge_plan()
+    except ValueError as e:
+      print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+      return 2
+    return converge_main(flagfile)
   try:
     name, cases, repeats, extra = _plan()
     flagfile = base_flagfile()

@@ -1,0 +1,105 @@
+"""When a run has converged, and how two modes' final accuracy compare.
+
+Used by `gba-benchmark --converge`. Two questions, each answered once here:
+
+* **Plateau.** A run has plateaued when its held-out AUC gained less than
+  `min_gain` (0.001) over the last `fraction` (20%) of its sample budget:
+  the AUC at the end minus the AUC at the first evaluation at or past
+  80% of the samples. The convergence benchmark gives every mode the
+  budget at which healthy sync plateaus, and reports whether it did.
+* **Paired difference.** Runs with the same seed share the data order, the
+  initial weights and the stragglers' schedule, so a mode is compared with
+  healthy sync seed by seed: the mean of the per-seed differences and its
+  95% confidence interval, mean +- t(0.975, n - 1) * sd / sqrt(n)
+  (Student's t; the differences are assumed roughly normal).
+
+Example:
+
+>>> curve = [{"samples": s, "auc": a} for s, a in
+...          [(0, 0.5), (400, 0.70), (800, 0.7200), (1000, 0.7205)]]
+>>> plateau_gain(curve)   # 0.7205 - 0.7200: the last 20% from 800 on
+0.0005
+>>> d = paired_difference({0: 0.71, 1: 0.72}, {0: 0.70, 1: 0.70})
+>>> round(d["mean"], 3), d["n"]
+(0.015, 2)
+"""
+
+import math
+import statistics
+from typing import Dict, Mapping, Optional, Sequence
+
+# Two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30 (any
+# statistics table); past 30 the normal 1.96 (at df = 30 t is 2.042).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262,
+         2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101,
+         2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
+         2.048, 2.045, 2.042)
+PLATEAU_FRACTION = 0.2
+PLATEAU_MIN_GAIN = 0.001
+# Issue targets: GBA's final AUC paired against healthy sync.
+TARGET_MEAN = -0.001
+TARGET_LOWER = -0.002
+
+
+def t975(df: int) -> float:
+  """t(0.975, df): the 95% two-sided quantile of Student's t."""
+  if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+    raise ValueError(f"Received: df={df!r}, which must be an integer >= 1.")
+  return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def plateau_gain(curve: Sequence[Mapping[str, float]],
+                 fraction: float = PLATEAU_FRACTION) -> float:
+  """AUC gained over the last `fraction` of the samples of `curve`.
+
+  `curve` is a run's evaluations in order, each with "samples" and "auc"
+  (`result.json`'s curve).
+  """
+  if len(curve) < 2:
+    raise ValueError(f"Received: a curve of {len(curve)} point(s); the "
+                     "plateau needs at least 2 evaluations.")
+  if not 0 < fraction < 1:
+    raise ValueError(f"Received: fraction={fraction!r}, which must be in "
+                     "(0, 1).")
+  last = curve[-1]
+  cut = (1.0 - fraction) * last["samples"]
+  start = next(p for p in curve if p["samples"] >= cut)
+  if start is last:  # no evaluation inside the window: the one before it
+    start = curve[-2]
+  return round(last["auc"] - start["auc"], 12)
+
+
+def plateaued(curve: Sequence[Mapping[str, float]],
+              min_gain: float = PLATEAU_MIN_GAIN) -> bool:
+  """Whether `curve` gained less than `min_gain` over its last 20%."""
+  return plateau_gain(curve) < min_gain
+
+
+def paired_difference(values: Mapping[int, float],
+                      reference: Mapping[int, float]) -> Dict[str, object]:
+  """Mean of `values[s] - reference[s]` over common seeds, with its 95% CI.
+
+  Returns a dict: n, mean, sd, low, high (low = high = mean when n < 2),
+  and the seeds used.
+  """
+  seeds = sorted(set(values) & set(reference))
+  if not seeds:
+    raise ValueError(f"Received: seeds {sorted(values)} and "
+                     f"{sorted(reference)}, which have none in common.")
+  diffs = [values[s] - reference[s] for s in seeds]
+  mean = statistics.fmean(diffs)
+  sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+  half = (t975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+          if len(diffs) > 1 else 0.0)
+  return {"n": len(diffs), "mean": mean, "sd": sd, "low": mean - half,
+          "high": mean + half, "seeds": seeds}
+
+
+def meets_target(difference: Mapping[str, float],
+                 mean: float = TARGET_MEAN,
+                 lower: float = TARGET_LOWER) -> Optional[bool]:
+  """Mean difference >= `mean` and the interval's lower end above `lower`
+  (None with fewer than 2 seeds: no interval)."""
+  if difference["n"] < 2:
+    return None
+  return difference["mean"] >= mean and difference["low"] > lower

@@ -1,0 +1,121 @@
+"""Convergence statistics (`gba_tf.launch.convergence`) by hand, and
+`gba-benchmark --converge --tiny` end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+from gba_tf.launch import convergence
+from tests import testing_utils
+
+
+def _curve(points):
+  return [{"samples": s, "auc": a} for s, a in points]
+
+
+class PlateauTest(tf.test.TestCase):
+
+  def test_gain_over_the_last_fifth_by_hand(self):
+    # Budget 1,000 samples: the window starts at the first evaluation at or
+    # past 800. Evaluations at 0, 500, 800, 1000: 0.7230 - 0.7215 = 0.0015.
+    curve = _curve([(0, 0.5), (500, 0.70), (800, 0.7215), (1000, 0.7230)])
+    self.assertAlmostEqual(convergence.plateau_gain(curve), 0.0015)
+    self.assertFalse(convergence.plateaued(curve))
+    # ... 0.7220 - 0.7215 = 0.0005 < 0.001: plateaued.
+    curve[-1]["auc"] = 0.7220
+    self.assertTrue(convergence.plateaued(curve))
+    # No evaluation inside the window (0, 500, 1000): from the one before
+    # it, 0.7220 - 0.70.
+    sparse = _curve([(0, 0.5), (500, 0.70), (1000, 0.7220)])
+    self.assertAlmostEqual(convergence.plateau_gain(sparse), 0.022)
+    # A falling curve has plateaued (gain < 0).
+    self.assertTrue(convergence.plateaued(
+        _curve([(0, 0.5), (800, 0.73), (1000, 0.72)])))
+
+  def test_bad_curve_is_one_line(self):
+    with self.assertRaisesRegex(ValueError, "Received: a curve of 1 point"):
+      convergence.plateau_gain(_curve([(0, 0.5)]))
+
+
+class PairedDifferenceTest(tf.test.TestCase):
+
+  def test_mean_and_interval_by_hand(self):
+    # Differences by seed: 0.002, -0.001, 0.001, 0.000, -0.002 (seed 5 has
+    # no reference and is left out). Mean 0; sd = sqrt(0.00001 / 4)
+    # = 0.0015811; t(0.975, 4) = 2.776; half width 2.776 * 0.0015811 /
+    # sqrt(5) = 0.0019629.
+    values = {0: 0.702, 1: 0.699, 2: 0.711, 3: 0.690, 4: 0.698, 5: 0.9}
+    reference = {0: 0.700, 1: 0.700, 2: 0.710, 3: 0.690, 4: 0.700}
+    d = convergence.paired_difference(values, reference)
+    self.assertEqual(d["n"], 5)
+    self.assertEqual(d["seeds"], [0, 1, 2, 3, 4])
+    self.assertAlmostEqual(d["mean"], 0.0, places=12)
+    self.assertAlmostEqual(d["sd"], 0.0015811, places=6)
+    self.assertAlmostEqual(d["high"], 0.0019629, places=6)
+    self.assertAlmostEqual(d["low"], -0.0019629, places=6)
+    # Mean 0 >= -0.001 and low -0.00196 > -0.002: meets the target.
+    self.assertTrue(convergence.meets_target(d))
+    # Shift every value down by 0.0005: mean -0.0005, low -0.00246.
+    shifted = {s: v - 0.0005 for s, v in values.items()}
+    self.assertFalse(convergence.meets_target(
+        convergence.paired_difference(shifted, reference)))
+
+  def test_t_quantiles_and_bad_input(self):
+    self.assertEqual(convergence.t975(1), 12.706)
+    self.assertEqual(convergence.t975(4), 2.776)
+    self.assertEqual(convergence.t975(30), 2.042)
+    self.assertEqual(convergence.t975(31), 1.96)
+    with self.assertRaisesRegex(ValueError, "Received: df=0"):
+      convergence.t975(0)
+    with self.assertRaisesRegex(ValueError, "none in common"):
+      convergence.paired_difference({0: 1.0}, {1: 1.0})
+    one = convergence.paired_difference({0: 0.71}, {0: 0.70})
+    self.assertIsNone(convergence.meets_target(one))
+
+
+class ConvergeBenchmarkTest(tf.test.TestCase):
+
+  def test_converge_tiny_pairs_gba_with_healthy_sync_by_seed(self):
+    out = testing_utils.temp_dir(self, "gba_converge_test_")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                      "benchmark.py"),
+         "--converge", "--tiny", f"--out_dir={out}"],
+        cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=600,
+        check=False)
+    self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] +
+                     proc.stderr[-3000:])
+    with open(os.path.join(out, "converge_tiny.json")) as f:
+      report = json.load(f)
+    runs = report["runs"]
+    self.assertCountEqual(
+        [(r["condition"], r["mode"], r["repeat"]) for r in runs],
+        [("healthy", "sync", 0), ("straggler", "gba", 0),
+         ("healthy", "sync", 1), ("straggler", "gba", 1)])
+    for run in runs:
+      # Every run trained from the shared stream, with a curve to judge
+      # the plateau on (points at 0, 4 and 8 steps) and wall-clock times.
+      self.assertIn("--input=shared", run["args"])
+      self.assertLen(run["curve"], 3)
+      self.assertEqual(run["curve"][-1]["train_seconds"],
+                       max(p["train_seconds"] for p in run["curve"]))
+    gba = next(e for e in report["summary"] if e["mode"] == "gba")
+    # The pairing is computed from the runs, seed by seed.
+    auc = {(r["mode"], r["repeat"]): r["test_auc"] for r in runs}
+    expected = [auc[("gba", s)] - auc[("sync", s)] for s in (0, 1)]
+    self.assertAlmostEqual(gba["auc_vs_healthy_sync"]["mean"],
+                           sum(expected) / 2)
+    self.assertEqual(gba["auc_vs_healthy_sync"]["n"], 2)
+    self.assertEqual(gba["plateau_gain"],
+                     [convergence.plateau_gain(r["curve"]) for r in runs
+                      if r["mode"] == "gba"])
+    for name in ("converge_tiny_auc.png", "converge_tiny_auc_wallclock.png"):
+      with open(os.path.join(out, name), "rb") as f:
+        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", name)
+
+
+if __name__ == "__main__":
+  tf.test.main()
