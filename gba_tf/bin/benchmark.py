@@ -153,6 +153,18 @@ def _plan():
     name, repeats = "benchmark", FLAGS.repeats
     modes, conditions = list(MODES), list(DEFAULT_CONDITIONS)
     extra = []
+  modes, conditions = _modes_and_conditions(modes, conditions)
+  cases = [(c, m, MODES[m]) for c in conditions for m in modes]
+  if FLAGS.ablation:
+    name = "ablation" + ("_tiny" if FLAGS.tiny else "")
+    cases = [("straggler", variant, ["--mode=gba"] + args)
+             for variant, args in ABLATION.items()]
+  return FLAGS.name or name, cases, repeats, extra
+
+
+def _modes_and_conditions(modes, conditions):
+  """--modes / --conditions, else these defaults; raises ValueError naming
+  a value that is not a mode or condition."""
   modes = FLAGS.modes or modes
   conditions = FLAGS.conditions or conditions
   for m in modes:
@@ -163,12 +175,27 @@ def _plan():
     if c not in CONDITIONS:
       raise ValueError(f"Received: --conditions={c}, which is not one of "
                        f"{list(CONDITIONS)}.")
-  cases = [(c, m, MODES[m]) for c in conditions for m in modes]
-  if FLAGS.ablation:
-    name = "ablation" + ("_tiny" if FLAGS.tiny else "")
-    cases = [("straggler", variant, ["--mode=gba"] + args)
-             for variant, args in ABLATION.items()]
-  return FLAGS.name or name, cases, repeats, extra
+  return modes, conditions
+
+
+def _log_dir(name):
+  """`<out_dir>/<name>_logs`, created (with out_dir)."""
+  log_dir = os.path.join(FLAGS.out_dir, f"{name}_logs")
+  os.makedirs(log_dir, exist_ok=True)
+  return log_dir
+
+
+def _write_json(name, start, summary, rows, **extra):
+  """`<out_dir>/<name>.json`: the command, every run and the summary.
+  Returns the path stem the plots share."""
+  stem = os.path.join(FLAGS.out_dir, name)
+  with open(f"{stem}.json", "w") as f:
+    json.dump({"schema_version": SCHEMA_VERSION, "name": name,
+               "command": " ".join([os.path.basename(sys.argv[0])] +
+                                   sys.argv[1:]),
+               "seconds": time.perf_counter() - start, **extra,
+               "summary": summary, "runs": rows}, f, indent=2)
+  return stem
 
 
 def _user_args():
@@ -406,20 +433,12 @@ def _converge_plan():
                                CONVERGE_TINY) for d, c, m in cases],
             FLAGS.repeats if FLAGS["repeats"].present else 2)
   datasets = FLAGS.datasets
-  modes = FLAGS.modes or list(CONVERGE_MODES)
-  conditions = FLAGS.conditions or list(CONVERGE_CONDITIONS)
   for d in datasets:
     if d not in CONVERGE:
       raise ValueError(f"Received: --datasets={d}, which is not one of "
                        f"{list(CONVERGE)}.")
-  for m in modes:
-    if m not in MODES:
-      raise ValueError(f"Received: --modes={m}, which is not one of "
-                       f"{list(MODES)}.")
-  for c in conditions:
-    if c not in CONDITIONS:
-      raise ValueError(f"Received: --conditions={c}, which is not one of "
-                       f"{list(CONDITIONS)}.")
+  modes, conditions = _modes_and_conditions(list(CONVERGE_MODES),
+                                            list(CONVERGE_CONDITIONS))
   if "sync" not in modes or "healthy" not in conditions:
     raise ValueError("Received: --modes / --conditions without healthy "
                      "sync, which every mode is paired against.")
@@ -522,11 +541,8 @@ def plot_converge(rows, stem):
     plt.close(fig)
 
 
-def converge_main(flagfile) -> int:
-  name, cases, seeds = _converge_plan()
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
-  log_dir = os.path.join(FLAGS.out_dir, f"{name}_logs")
-  os.makedirs(log_dir, exist_ok=True)
+def converge_main(name, cases, seeds, flagfile) -> int:
+  log_dir = _log_dir(name)
   total = len(cases) * seeds
   print(f"{name}: {len(cases)} cases x {seeds} seeds = {total} jobs; logs "
         f"in {log_dir}", flush=True)
@@ -546,15 +562,9 @@ def converge_main(flagfile) -> int:
   summary = summarize_converge(rows)
   print()
   print(converge_table(summary))
-  stem = os.path.join(FLAGS.out_dir, name)
-  with open(f"{stem}.json", "w") as f:
-    json.dump({"schema_version": SCHEMA_VERSION, "name": name,
-               "command": " ".join([os.path.basename(sys.argv[0])] +
-                                   sys.argv[1:]),
-               "seconds": time.perf_counter() - start,
-               "plateau": {"fraction": convergence.PLATEAU_FRACTION,
-                           "min_gain": convergence.PLATEAU_MIN_GAIN},
-               "summary": summary, "runs": rows}, f, indent=2)
+  stem = _write_json(name, start, summary, rows,
+                     plateau={"fraction": convergence.PLATEAU_FRACTION,
+                              "min_gain": convergence.PLATEAU_MIN_GAIN})
   plot_converge(rows, stem)
   print(f"\nwrote {stem}.json, {stem}_auc.png, {stem}_auc_wallclock.png")
   return 0
@@ -562,23 +572,16 @@ def converge_main(flagfile) -> int:
 
 def main(argv):
   del argv
-  if FLAGS.converge:
-    try:
-      flagfile = base_flagfile()
-      _converge_plan()
-    except ValueError as e:
-      print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-      return 2
-    return converge_main(flagfile)
   try:
-    name, cases, repeats, extra = _plan()
+    plan = _converge_plan() if FLAGS.converge else _plan()
     flagfile = base_flagfile()
   except ValueError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
-  log_dir = os.path.join(FLAGS.out_dir, f"{name}_logs")
-  os.makedirs(log_dir, exist_ok=True)
+  if FLAGS.converge:
+    return converge_main(*plan, flagfile)
+  name, cases, repeats, extra = plan
+  log_dir = _log_dir(name)
   total = len(cases) * repeats
   print(f"{name}: {len(cases)} cases x {repeats} repeats = {total} jobs on "
         f"a local multi-process cluster; logs in {log_dir}", flush=True)
@@ -595,13 +598,7 @@ def main(argv):
   summary = summarize(rows)
   print()
   print(table(summary))
-  stem = os.path.join(FLAGS.out_dir, name)
-  with open(f"{stem}.json", "w") as f:
-    json.dump({"schema_version": SCHEMA_VERSION, "name": name,
-               "command": " ".join([os.path.basename(sys.argv[0])] +
-                                   sys.argv[1:]),
-               "seconds": time.perf_counter() - start,
-               "summary": summary, "runs": rows}, f, indent=2)
+  stem = _write_json(name, start, summary, rows)
   plot(rows, summary, stem)
   print(f"\nwrote {stem}.json, {stem}_auc.png, {stem}_throughput.png")
   return 0
