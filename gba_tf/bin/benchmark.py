@@ -11,6 +11,7 @@ the machine's speed spreads over all modes.
   gba-benchmark --ablation   # decay / threshold ablation
   gba-benchmark --tiny       # CI: every mode, 2 workers
   gba-benchmark --converge   # final accuracy at convergence, paired by seed
+  gba-benchmark --switching  # sync -> GBA / async / sync -> sync, and auto
   python scripts/benchmark.py ...   # a source checkout; the same
 
 Run from a source checkout (or pass `--base_flagfile`): the job's settings
@@ -43,6 +44,7 @@ from gba_tf import stragglers
 from gba_tf.launch import convergence
 from gba_tf.launch import flags as gba_flags
 from gba_tf.launch import launcher as launcher_lib
+from gba_tf.launch import switch_paths
 
 FLAGS = flags.FLAGS
 # The source checkout this package sits in, if it is one: where the default
@@ -91,9 +93,13 @@ CONVERGE = {
     "synthetic": ["--dataset=synthetic", "--model=dcn",
                   "--train_examples=50000", "--train_steps=300",
                   "--steps_per_loop=30", "--step_ms=20"],
+    # Sync's held-out AUC plateaus here: one process on the same global
+    # batch (1024, Adagrad 1.0) measured 0.764 at 300 steps, 0.777 at 700,
+    # 0.780 at 800 and at 1,000 (12.8 passes over the 80,000 ratings).
+    # Emulated compute as in the mode comparison (50 ms), so that a 1/4
+    # straggler also slows sync (at 20 ms it did not: the CPU bound first).
     "movielens": ["--dataset=movielens", "--model=embedding_mlp",
-                  "--train_steps=300", "--steps_per_loop=30",
-                  "--step_ms=20"],
+                  "--train_steps=1000", "--steps_per_loop=50"],
 }
 CONVERGE_COMMON = ["--input=shared", "--eval_examples=5000"]
 CONVERGE_MODES = ("sync", "gba", "async")
@@ -104,6 +110,8 @@ CONVERGE_TINY = ["--workers=2", "--ps=1", "--local_batch_size=128",
                  "--eval_examples=2000", "--test_examples=4000",
                  "--train_examples=20000", "--model=embedding_mlp",
                  "--learning_rate=0.1"]
+# --switching --tiny: three legs of 4 steps (leg_steps needs >= 3 loops).
+SWITCHING_TINY = CONVERGE_TINY + ["--train_steps=12"]
 SCHEMA_VERSION = 1
 
 
@@ -118,7 +126,14 @@ def define_flags():
   flags.DEFINE_bool("converge", False, "Final accuracy at convergence: "
                     "--datasets x conditions x modes, --repeats seeds, "
                     "each mode paired by seed against healthy sync.")
-  flags.DEFINE_list("datasets", list(CONVERGE), "--converge: datasets.")
+  flags.DEFINE_bool("switching", False, "The switching experiment at "
+                    "convergence (gba_tf.launch.switch_paths): --paths "
+                    "over --repeats seeds, paired by seed against the "
+                    "all-sync path.")
+  flags.DEFINE_list("paths", list(switch_paths.PATHS),
+                    "--switching: paths.")
+  flags.DEFINE_list("datasets", list(CONVERGE),
+                    "--converge / --switching: datasets.")
   flags.DEFINE_integer("repeats", 3, "Repeats per case (interleaved); "
                        "--converge: seeds (default 5).")
   flags.DEFINE_list("modes", None, "Subset of modes; default all.")
@@ -201,7 +216,8 @@ def _write_json(name, start, summary, rows, **extra):
 def _user_args():
   """This command's own flags, forwarded to every run (flagfile first)."""
   own = {"quick", "tiny", "ablation", "repeats", "modes", "conditions",
-         "out_dir", "name", "base_flagfile", "converge", "datasets"}
+         "out_dir", "name", "base_flagfile", "converge", "datasets",
+         "switching", "paths"}
   return [a for a in sys.argv[1:]
           if a.lstrip("-").split("=")[0].removeprefix("no") not in own]
 
@@ -239,6 +255,23 @@ def base_flagfile() -> str:
                    "here or in a source checkout of gba_tf.")
 
 
+def _launch(train_args, mode, model_dir, log_path, label,
+            straggler_until=0.0):
+  """One `gba-launch` job, its task logs appended to `log_path`; returns its
+  wall seconds. Raises RuntimeError naming `label` and the log if it
+  fails."""
+  start = time.perf_counter()
+  with open(log_path, "a") as log:
+    launcher = launcher_lib.LocalLauncher(
+        train_args, workers=int(_arg_value(train_args, "workers")),
+        ps=int(_arg_value(train_args, "ps")), mode=mode,
+        model_dir=model_dir, straggler_until=straggler_until, out=log)
+    code = launcher.run()
+  if code:
+    raise RuntimeError(f"{label} exited with {code}; see {log_path}")
+  return time.perf_counter() - start
+
+
 def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
              tag=""):
   """One job; returns its row for the JSON."""
@@ -250,17 +283,8 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
                  f"--seed={repeat}"])
   log_path = os.path.join(log_dir,
                           f"{tag}{condition}-{mode}-r{repeat}.log")
-  start = time.perf_counter()
-  with open(log_path, "w") as log:
-    launcher = launcher_lib.LocalLauncher(
-        train_args, workers=int(_arg_value(train_args, "workers")),
-        ps=int(_arg_value(train_args, "ps")),
-        mode=args[0].split("=")[1], model_dir=model_dir, out=log)
-    code = launcher.run()
-  wall = time.perf_counter() - start
-  if code:
-    raise RuntimeError(f"{condition}/{mode} run {repeat} exited with {code}; "
-                       f"see {log_path}")
+  wall = _launch(train_args, args[0].split("=")[1], model_dir, log_path,
+                 f"{condition}/{mode} run {repeat}")
   result = _read(os.path.join(model_dir, "result.json"))
   phase = _read(os.path.join(model_dir, "phases.jsonl"))[-1]
   config = _read(os.path.join(model_dir, f"config-{phase['mode']}.json"))
@@ -442,8 +466,15 @@ def _converge_plan():
   if "sync" not in modes or "healthy" not in conditions:
     raise ValueError("Received: --modes / --conditions without healthy "
                      "sync, which every mode is paired against.")
+  # Sync under stragglers only when --modes and --conditions are both
+  # given: its arithmetic does not depend on the workers' speeds (the same
+  # global batches, in stream order), so its accuracy is healthy sync's (the
+  # first run measured +0.0004 [-0.0092, +0.0100]) and its time is what the
+  # mode comparison measures.
+  sync_slow = FLAGS["modes"].present and FLAGS["conditions"].present
   cases = [(d, c, m, MODES[m] + CONVERGE_COMMON + CONVERGE[d])
-           for d in datasets for c in conditions for m in modes]
+           for d in datasets for c in conditions for m in modes
+           if m != "sync" or c == "healthy" or sync_slow]
   seeds = FLAGS.repeats if FLAGS["repeats"].present else 5
   return FLAGS.name or "converge", cases, seeds
 
@@ -570,16 +601,181 @@ def converge_main(name, cases, seeds, flagfile) -> int:
   return 0
 
 
+def _switching_plan():
+  """(name, [(dataset, path, args)], seeds) of --switching; every seed runs
+  its paths in this order (gba before auto, whose straggler lasts as long as
+  gba's first two legs took)."""
+  if FLAGS.tiny:
+    # CI: the forced path and its reference on the smallest job, one seed.
+    cases = [("synthetic", p, CONVERGE_COMMON + SWITCHING_TINY)
+             for p in ("sync", "gba")]
+    return ("switching_tiny", cases,
+            FLAGS.repeats if FLAGS["repeats"].present else 1)
+  for d in FLAGS.datasets:
+    if d not in CONVERGE:
+      raise ValueError(f"Received: --datasets={d}, which is not one of "
+                       f"{list(CONVERGE)}.")
+  for p in FLAGS.paths:
+    if p not in switch_paths.PATHS:
+      raise ValueError(f"Received: --paths={p}, which is not one of "
+                       f"{list(switch_paths.PATHS)}.")
+  if switch_paths.REFERENCE not in FLAGS.paths:
+    raise ValueError(f"Received: --paths={','.join(FLAGS.paths)}, without "
+                     f"{switch_paths.REFERENCE}, which every path is paired "
+                     "against.")
+  if "auto" in FLAGS.paths and "gba" not in FLAGS.paths:
+    raise ValueError(f"Received: --paths={','.join(FLAGS.paths)}: auto needs "
+                     "gba, whose first two legs time auto's straggler.")
+  paths = [p for p in switch_paths.PATHS if p in FLAGS.paths]
+  cases = [(d, p, CONVERGE_COMMON + CONVERGE[d])
+           for d in FLAGS.datasets for p in paths]
+  seeds = FLAGS.repeats if FLAGS["repeats"].present else 5
+  return FLAGS.name or "switching", cases, seeds
+
+
+def run_path(dataset, path, args, seed, log_dir, flagfile,
+             straggler_seconds=0.0):
+  """One seed of one switching path: its legs, each a launch resuming the
+  last one's checkpoint in one model directory. Returns its row."""
+  model_dir = tempfile.mkdtemp(prefix=f"gba_switch_{path}_")
+  # The user's flags after the dataset's, so that they can change the
+  # budget (--train_steps) the legs are cut from.
+  base = [f"--flagfile={flagfile}"] + args + _user_args()
+  legs = switch_paths.PATHS[path]
+  total = int(_arg_value(base, "train_steps"))
+  bounds = (switch_paths.leg_steps(total,
+                                   int(_arg_value(base, "steps_per_loop")))
+            if len(legs) > 1 else [total])
+  log_path = os.path.join(log_dir, f"{dataset}-{path}-r{seed}.log")
+  walls = []
+  for (mode, condition), steps in zip(legs, bounds):
+    straggler, _ = CONDITIONS[condition]
+    train_args = base + [f"--mode={mode}", f"--train_steps={steps}",
+                         f"--straggler={straggler}",
+                         "--nocheckpoint_every_loop", f"--seed={seed}"]
+    until = (time.time() + straggler_seconds
+             if mode == "auto" and straggler_seconds else 0.0)
+    walls.append(_launch(train_args, mode, model_dir, log_path,
+                         f"{dataset}/{path} seed {seed} leg {len(walls)}",
+                         straggler_until=until))
+  result = _read(os.path.join(model_dir, "result.json"))
+  phases = _read(os.path.join(model_dir, "phases.jsonl"))
+  shutil.rmtree(model_dir, ignore_errors=True)
+  return {
+      "dataset": dataset, "path": path, "repeat": seed,
+      "legs": [{"mode": m, "condition": c, "until_step": b}
+               for (m, c), b in zip(legs, bounds)],
+      "straggler_seconds": straggler_seconds if path == "auto" else None,
+      "leg_wall_seconds": walls, "wall_seconds": sum(walls),
+      "train_seconds": sum(p["seconds"] for p in phases),
+      "phases": [{k: p[k] for k in ("mode", "start_step", "optimizer_steps",
+                                    "samples", "seconds")}
+                 for p in phases],
+      "switches": result["switches"],
+      "optimizer_steps": result["optimizer_steps"],
+      "test_auc": result["test_auc"], "test_logloss": result["test_logloss"],
+      "best_auc": result["best_auc"],
+      "curve": switch_paths.join_phases(phases),
+      "args": base, "log": log_path,
+  }
+
+
+def summarize_switching(rows):
+  """Per (dataset, path): final AUC / logloss, wall-clock, and both paired
+  by seed against the all-sync path."""
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["dataset"], row["path"]), []).append(row)
+  summary = []
+  for (dataset, path), runs in groups.items():
+    ref = groups.get((dataset, switch_paths.REFERENCE), [])
+    by_seed = lambda rs, key: {r["repeat"]: r[key] for r in rs}  # pylint: disable=unnecessary-lambda-assignment
+    ref_wall = by_seed(ref, "wall_seconds")
+    summary.append({
+        "dataset": dataset, "path": path, "seeds": len(runs),
+        "legs": [leg["mode"] for leg in runs[0]["legs"]],
+        "test_auc": statistics.fmean(r["test_auc"] for r in runs),
+        "test_logloss": statistics.fmean(r["test_logloss"] for r in runs),
+        "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
+        "train_seconds": statistics.median(r["train_seconds"] for r in runs),
+        "wall_vs_sync": statistics.median(
+            r["wall_seconds"] / ref_wall[r["repeat"]] for r in runs
+            if r["repeat"] in ref_wall) if ref_wall else None,
+        "switches": [len(r["switches"]) for r in runs],
+        "auc_vs_sync": convergence.paired_difference(
+            by_seed(runs, "test_auc"), by_seed(ref, "test_auc")),
+        "logloss_vs_sync": convergence.paired_difference(
+            by_seed(runs, "test_logloss"), by_seed(ref, "test_logloss")),
+    })
+    entry = summary[-1]
+    entry["meets_target"] = (convergence.meets_target(entry["auc_vs_sync"])
+                             if path != switch_paths.REFERENCE else None)
+  return summary
+
+
+def switching_table(summary) -> str:
+  lines = [f"{'dataset':10} {'path':6} {'legs':16} {'AUC':>7} "
+           f"{'logloss':>8} {'dAUC vs sync path [95% CI]':>34} "
+           f"{'wall s':>7} {'vs sync':>7} switches"]
+  for e in summary:
+    d = e["auc_vs_sync"]
+    ratio = e["wall_vs_sync"]
+    lines.append(
+        f"{e['dataset']:10} {e['path']:6} {'>'.join(e['legs']):16} "
+        f"{e['test_auc']:7.4f} {e['test_logloss']:8.4f} "
+        f"{d['mean']:+10.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (n={d['n']})"
+        f" {e['wall_seconds']:7.0f} "
+        + (f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}")
+        + f" {e['switches']}")
+  return "\n".join(lines)
+
+
+def switching_main(name, cases, seeds, flagfile) -> int:
+  log_dir = _log_dir(name)
+  total = len(cases) * seeds
+  print(f"{name}: {len(cases)} paths x {seeds} seeds = {total} jobs; logs "
+        f"in {log_dir}", flush=True)
+  rows, start = [], time.perf_counter()
+  for seed in range(seeds):
+    # auto's straggler lasts as long as this seed's gba path took to finish
+    # its first two legs (sync, then GBA with the straggler).
+    first_two = {}
+    for dataset, path, args in cases:
+      row = run_path(dataset, path, args, seed, log_dir, flagfile,
+                     straggler_seconds=first_two.get(dataset, 0.0))
+      if path == "gba":
+        first_two[dataset] = sum(row["leg_wall_seconds"][:2])
+      rows.append(row)
+      print(f"[{len(rows)}/{total}] {dataset:9} {path:6} seed {seed}: test "
+            f"AUC {row['test_auc']:.4f}, {row['wall_seconds']:5.1f} s wall, "
+            f"{len(row['switches'])} switches "
+            f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
+  summary = summarize_switching(rows)
+  print()
+  print(switching_table(summary))
+  stem = _write_json(name, start, summary, rows)
+  # The convergence plot, one line per path.
+  plot_converge([dict(r, condition="switching", mode=r["path"])
+                 for r in rows], stem)
+  print(f"\nwrote {stem}.json, {stem}_auc.png, {stem}_auc_wallclock.png")
+  return 0
+
+
 def main(argv):
   del argv
   try:
-    plan = _converge_plan() if FLAGS.converge else _plan()
+    if FLAGS.converge and FLAGS.switching:
+      raise ValueError("Received: --converge and --switching; run one.")
+    plan = (_converge_plan() if FLAGS.converge else
+            _switching_plan() if FLAGS.switching else _plan())
     flagfile = base_flagfile()
   except ValueError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
   if FLAGS.converge:
     return converge_main(*plan, flagfile)
+  if FLAGS.switching:
+    return switching_main(*plan, flagfile)
   name, cases, repeats, extra = plan
   log_dir = _log_dir(name)
   total = len(cases) * repeats

@@ -226,6 +226,9 @@ class Job:
                         strategy, sync, per_step)
     phase["steady_samples_per_s"] = (curve.steady_samples_per_s()
                                      if curve is not None else None)
+    # The phase's held-out curve: result.json keeps only the last phase's,
+    # and a job that switches modes (auto) is judged on all of them.
+    phase["curve"] = curve.points if curve is not None else []
     # Where this run started: past the phase's first checkpoint when a
     # preempted run resumed from a later loop.
     phase["start_step"] = restored

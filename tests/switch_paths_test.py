@@ -1,0 +1,135 @@
+"""The switching experiment's paths (`gba_tf.launch.switch_paths`) by hand,
+and `gba-benchmark --switching --tiny` end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+from gba_tf.launch import switch_paths
+from tests import testing_utils
+
+
+class LegsTest(tf.test.TestCase):
+
+  def test_thirds_rounded_to_whole_loops(self):
+    # 300 / 3 = 100 -> 3.33 loops of 30 -> 3 loops = 90; 200 -> 6.67 -> 7
+    # loops = 210; the last leg ends at the budget itself.
+    self.assertEqual(switch_paths.leg_steps(300, 30), [90, 210, 300])
+    # 12 / 3 = 4 = one loop of 4: 4, 8, 12.
+    self.assertEqual(switch_paths.leg_steps(12, 4), [4, 8, 12])
+
+  def test_too_small_a_budget_is_one_line(self):
+    with self.assertRaisesRegex(ValueError, r"Received: train_steps=8, "
+                                r"steps_per_loop=4;"):
+      switch_paths.leg_steps(8, 4)
+
+  def test_every_forced_path_meets_the_straggler_in_its_middle_leg(self):
+    for name, legs in switch_paths.PATHS.items():
+      if name == "auto":
+        continue
+      self.assertEqual([c for _, c in legs],
+                       ["healthy", "straggler", "healthy"], name)
+      self.assertEqual([legs[0][0], legs[2][0]], ["sync", "sync"], name)
+
+
+class JoinPhasesTest(tf.test.TestCase):
+
+  def test_restored_points_kept_once_and_seconds_add_up(self):
+    # Phase 2 starts with an evaluation of the step phase 1 ended on
+    # (samples 200): kept once. Its training seconds start again at 0, so
+    # they are offset by phase 1's 10 s: 0 + 10, 4 + 10.
+    phases = [
+        {"seconds": 10.0, "curve": [
+            {"samples": 0, "train_seconds": 0.0, "auc": 0.5},
+            {"samples": 200, "train_seconds": 9.0, "auc": 0.6}]},
+        {"seconds": 5.0, "curve": [
+            {"samples": 200, "train_seconds": 0.0, "auc": 0.6},
+            {"samples": 400, "train_seconds": 4.0, "auc": 0.7}]},
+    ]
+    curve = switch_paths.join_phases(phases)
+    self.assertEqual([p["samples"] for p in curve], [0, 200, 400])
+    self.assertEqual([p["train_seconds"] for p in curve], [0.0, 9.0, 14.0])
+    self.assertEqual(curve[-1]["auc"], 0.7)
+
+  def test_a_phase_without_evaluations_still_counts_its_seconds(self):
+    phases = [{"seconds": 3.0, "curve": []},
+              {"seconds": 2.0, "curve": [
+                  {"samples": 50, "train_seconds": 1.0, "auc": 0.6}]}]
+    self.assertEqual(switch_paths.join_phases(phases),
+                     [{"samples": 50, "train_seconds": 4.0, "auc": 0.6}])
+
+
+class SwitchingBenchmarkTest(tf.test.TestCase):
+
+  def test_switching_tiny_resumes_every_leg_and_pairs_with_sync(self):
+    out = testing_utils.temp_dir(self, "gba_switching_test_")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                      "benchmark.py"),
+         "--switching", "--tiny", f"--out_dir={out}"],
+        cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=600,
+        check=False)
+    self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] +
+                     proc.stderr[-3000:])
+    with open(os.path.join(out, "switching_tiny.json")) as f:
+      report = json.load(f)
+    runs = {r["path"]: r for r in report["runs"]}
+    self.assertCountEqual(runs, ["sync", "gba"])
+    for path, run in runs.items():
+      # Three launches on one model directory, each resuming the last
+      # one's checkpoint: 4 optimizer steps each, 12 in all.
+      self.assertEqual([p["mode"] for p in run["phases"]],
+                       [m for m, _ in switch_paths.PATHS[path]])
+      self.assertEqual([p["start_step"] for p in run["phases"]], [0, 4, 8])
+      self.assertEqual([p["optimizer_steps"] for p in run["phases"]],
+                       [4, 4, 4])
+      self.assertEqual(run["optimizer_steps"], 12)
+      self.assertIn("--input=shared", run["args"])
+      self.assertLen(run["leg_wall_seconds"], 3)
+      # One curve over the three legs: every loop's evaluation once (local
+      # batch 128 x 2 workers = 256 samples per step), seconds rising.
+      self.assertEqual([p["samples"] for p in run["curve"]],
+                       [0, 1024, 2048, 3072])
+      seconds = [p["train_seconds"] for p in run["curve"]]
+      self.assertEqual(seconds, sorted(seconds))
+    # The middle leg met the straggler in GBA; the first legs are the same
+    # sync training of the same seed, so the paths agree there.
+    self.assertEqual(runs["gba"]["legs"][1],
+                     {"mode": "gba", "condition": "straggler",
+                      "until_step": 8})
+    self.assertAlmostEqual(runs["gba"]["curve"][1]["auc"],
+                           runs["sync"]["curve"][1]["auc"], places=4)
+    gba = next(e for e in report["summary"] if e["path"] == "gba")
+    self.assertAlmostEqual(gba["auc_vs_sync"]["mean"],
+                           runs["gba"]["test_auc"] - runs["sync"]["test_auc"])
+    self.assertAlmostEqual(
+        gba["wall_vs_sync"],
+        runs["gba"]["wall_seconds"] / runs["sync"]["wall_seconds"])
+    for name in ("switching_tiny_auc.png", "switching_tiny_auc_wallclock.png"):
+      with open(os.path.join(out, name), "rb") as f:
+        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", name)
+
+  def test_bad_paths_are_one_line(self):
+    out = testing_utils.temp_dir(self, "gba_switching_bad_")
+    for args, pattern in (
+        (["--paths=sync,zigzag"], r"Received: --paths=zigzag, which is not"),
+        (["--paths=gba"], r"Received: --paths=gba, without sync"),
+        (["--paths=sync,auto"], r"Received: --paths=sync,auto: auto needs "
+                                r"gba"),
+        (["--converge"], r"Received: --converge and --switching")):
+      proc = subprocess.run(
+          [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                        "benchmark.py"), "--switching",
+           f"--out_dir={out}"] + args,
+          cwd=testing_utils.ROOT, capture_output=True, text=True,
+          timeout=120, check=False)
+      self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+      self.assertRegex(proc.stderr, pattern)
+      self.assertEqual(os.listdir(out), [], "no run was started")
+
+
+if __name__ == "__main__":
+  tf.test.main()
