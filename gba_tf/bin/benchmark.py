@@ -592,6 +592,10 @@ def converge_main(name, cases, seeds, flagfile) -> int:
             f"{convergence.plateau_gain(row['curve']):+.4f}, "
             f"{row['wall_seconds']:5.1f} s wall "
             f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
+    if seed + 1 < seeds:
+      # A long run that dies keeps its complete seeds.
+      _write_json(name, start, summarize_converge(rows), rows,
+                  partial_seeds=seed + 1)
   summary = summarize_converge(rows)
   print()
   print(converge_table(summary))
@@ -752,6 +756,10 @@ def switching_main(name, cases, seeds, flagfile) -> int:
             f"AUC {row['test_auc']:.4f}, {row['wall_seconds']:5.1f} s wall, "
             f"{len(row['switches'])} switches "
             f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
+    if seed + 1 < seeds:
+      # A long run that dies keeps its complete seeds.
+      _write_json(name, start, summarize_switching(rows), rows,
+                  partial_seeds=seed + 1)
   summary = summarize_switching(rows)
   print()
   print(switching_table(summary))
