@@ -76,6 +76,54 @@ class PairedDifferenceTest(tf.test.TestCase):
     self.assertIsNone(convergence.meets_target(one))
 
 
+_PLAN = """
+import json, sys
+from absl import flags
+from gba_tf.bin import benchmark
+benchmark.define_flags()
+flags.FLAGS(["benchmark"] + sys.argv[1:])
+name, cases, seeds = benchmark._converge_plan()
+print(json.dumps([name, seeds, [c[:3] + (c[3][0],) for c in cases]]))
+"""
+
+
+def _plan(*args):
+  proc = subprocess.run([sys.executable, "-c", _PLAN, *args],
+                        cwd=testing_utils.ROOT, capture_output=True,
+                        text=True, timeout=120, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class ConvergePlanTest(tf.test.TestCase):
+
+  def test_cases_pair_with_healthy_sync_which_always_runs(self):
+    name, seeds, cases = _plan("--converge", "--datasets=movielens",
+                               "--conditions=straggler", "--modes=gba,async")
+    self.assertEqual((name, seeds), ("converge", 5))
+    self.assertEqual([c[1:3] for c in cases],
+                     [["healthy", "sync"], ["straggler", "gba"],
+                      ["straggler", "async"]])
+    # Defaults: sync under stragglers is left out (its arithmetic is
+    # healthy sync's), unless --modes names sync.
+    _, _, cases = _plan("--converge", "--datasets=synthetic")
+    self.assertNotIn(["straggler", "sync"], [c[1:3] for c in cases])
+    self.assertIn(["two_stragglers", "gba"], [c[1:3] for c in cases])
+    _, _, cases = _plan("--converge", "--datasets=synthetic",
+                        "--modes=sync,gba")
+    self.assertIn(["straggler", "sync"], [c[1:3] for c in cases])
+
+  def test_ablation_runs_every_variant_as_gba_under_the_straggler(self):
+    name, _, cases = _plan("--converge", "--ablation",
+                           "--datasets=movielens")
+    self.assertEqual(name, "converge_ablation")
+    self.assertEqual(cases[0][1:], ["healthy", "sync", "--mode=sync"])
+    variants = [c[2] for c in cases[1:]]
+    self.assertIn("exp0.5_t2_weights", variants)
+    self.assertIn("no_decay", variants)
+    for case in cases[1:]:
+      self.assertEqual([case[1], case[3]], ["straggler", "--mode=gba"])
+
+
 class ConvergeBenchmarkTest(tf.test.TestCase):
 
   def test_converge_tiny_pairs_gba_with_healthy_sync_by_seed(self):

@@ -11,6 +11,7 @@ the machine's speed spreads over all modes.
   gba-benchmark --ablation   # decay / threshold ablation
   gba-benchmark --tiny       # CI: every mode, 2 workers
   gba-benchmark --converge   # final accuracy at convergence, paired by seed
+  gba-benchmark --converge --ablation   # GBA's decay variants, the same way
   gba-benchmark --switching  # sync -> GBA / async / sync -> sync, and auto
   python scripts/benchmark.py ...   # a source checkout; the same
 
@@ -83,6 +84,10 @@ ABLATION = {
                    "--staleness_threshold=2"],
     "drop_t2": ["--decay=none", "--staleness_threshold=2",
                 "--max_staleness=2"],
+    # The default decay, the weighted sum divided by the sum of the
+    # weights instead of M (decayed gradients then shrink no step).
+    "exp0.5_t2_weights": ["--decay=exponential", "--decay_rate=0.5",
+                          "--staleness_threshold=2", "--normalize=weights"],
 }
 # --converge: per dataset, the job each seed runs in every mode and
 # condition (on top of the benchmark flagfile). Every run draws from one
@@ -475,10 +480,19 @@ def _converge_plan():
       (c, m) for c in conditions for m in modes
       if (c, m) != ("healthy", "sync") and
       (m != "sync" or c == "healthy" or slow_sync)]
-  cases = [(d, c, m, MODES[m] + CONVERGE_COMMON + CONVERGE[d])
+  args = dict(MODES)
+  if FLAGS.ablation:
+    # GBA's decay and normalization variants under the stragglers (default
+    # condition: one 1/4 straggler), each paired with healthy sync.
+    conditions = FLAGS.conditions or ["straggler"]
+    args.update({v: ["--mode=gba"] + a for v, a in ABLATION.items()})
+    pairs = [("healthy", "sync")] + [(c, v) for c in conditions
+                                     if c != "healthy" for v in ABLATION]
+  cases = [(d, c, m, args[m] + CONVERGE_COMMON + CONVERGE[d])
            for d in datasets for c, m in pairs]
   seeds = FLAGS.repeats if FLAGS["repeats"].present else 5
-  return FLAGS.name or "converge", cases, seeds
+  name = "converge_ablation" if FLAGS.ablation else "converge"
+  return FLAGS.name or name, cases, seeds
 
 
 def summarize_converge(rows):
