@@ -563,21 +563,28 @@ def plot_converge(rows, stem):
     for i, dataset in enumerate(datasets):
       for j, condition in enumerate(conditions):
         ax = axes[i][j]
-        for mode in dict.fromkeys(r["mode"] for r in rows):
+        panels = [(mode, condition, mode) for mode in
+                  dict.fromkeys(r["mode"] for r in rows)]
+        if condition != "healthy":
+          # Every mode is judged against healthy sync: drawn in each panel.
+          panels.append(("sync", "healthy", "healthy sync (reference)"))
+        for mode, cond, name in panels:
           runs = [r for r in rows if (r["dataset"], r["condition"],
-                                      r["mode"]) == (dataset, condition,
-                                                     mode)]
+                                      r["mode"]) == (dataset, cond, mode)]
           if not runs:
             continue
           n = min(len(r["curve"]) for r in runs)
           xs = [statistics.fmean(r["curve"][k][x_key] for r in runs)
                 for k in range(n)]
           aucs = [[r["curve"][k]["auc"] for r in runs] for k in range(n)]
+          reference = cond != condition
           line, = ax.plot(xs, [statistics.fmean(a) for a in aucs],
-                          label=mode)
-          ax.fill_between(xs, [min(a) for a in aucs],
-                          [max(a) for a in aucs], alpha=0.2,
-                          color=line.get_color())
+                          label=name, color="black" if reference else None,
+                          linestyle="--" if reference else "-")
+          if not reference:
+            ax.fill_between(xs, [min(a) for a in aucs],
+                            [max(a) for a in aucs], alpha=0.2,
+                            color=line.get_color())
         ax.set_title(f"{dataset}, {condition}")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out AUC (band: seeds' min-max)")
