@@ -114,21 +114,35 @@ class SwitchingBenchmarkTest(tf.test.TestCase):
 
   def test_bad_paths_are_one_line(self):
     out = testing_utils.temp_dir(self, "gba_switching_bad_")
-    for args, pattern in (
+    cases = [
         (["--paths=sync,zigzag"], r"Received: --paths=zigzag, which is not"),
         (["--paths=gba"], r"Received: --paths=gba, without sync"),
         (["--paths=sync,auto"], r"Received: --paths=sync,auto: auto needs "
                                 r"gba"),
-        (["--converge"], r"Received: --converge and --switching")):
-      proc = subprocess.run(
-          [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
-                                        "benchmark.py"), "--switching",
-           f"--out_dir={out}"] + args,
-          cwd=testing_utils.ROOT, capture_output=True, text=True,
-          timeout=120, check=False)
-      self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-      self.assertRegex(proc.stderr, pattern)
-      self.assertEqual(os.listdir(out), [], "no run was started")
+        (["--converge"], r"Received: --converge and --switching")]
+    # One process runs the benchmark's main on each command line in turn.
+    script = (
+        "import json, sys\n"
+        "from absl import flags\n"
+        "from gba_tf.bin import benchmark\n"
+        "benchmark.define_flags()\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "  flags.FLAGS.unparse_flags()\n"
+        "  flags.FLAGS(['benchmark'] + args)\n"
+        "  print('exit', benchmark.main([]), file=sys.stderr, flush=True)\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(
+            [["--switching", f"--out_dir={out}"] + a for a, _ in cases])],
+        cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=120,
+        check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    lines = [l for l in proc.stderr.splitlines()
+             if l.startswith(("-c: error:", "exit "))]
+    self.assertLen(lines, 2 * len(cases), proc.stderr[-2000:])
+    for k, (_, pattern) in enumerate(cases):
+      self.assertRegex(lines[2 * k], "error: " + pattern)
+      self.assertEqual(lines[2 * k + 1], "exit 2")
+    self.assertEqual(os.listdir(out), [], "no run was started")
 
 
 if __name__ == "__main__":
