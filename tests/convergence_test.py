@@ -83,7 +83,7 @@ from gba_tf.bin import benchmark
 benchmark.define_flags()
 flags.FLAGS(["benchmark"] + sys.argv[1:])
 name, cases, seeds = benchmark._converge_plan()
-print(json.dumps([name, seeds, [c[:3] + (c[3][0],) for c in cases]]))
+print(json.dumps([name, seeds, [c[:3] + (c[3][0], c[4]) for c in cases]]))
 """
 
 
@@ -116,7 +116,11 @@ class ConvergePlanTest(tf.test.TestCase):
     name, _, cases = _plan("--converge", "--ablation",
                            "--datasets=movielens")
     self.assertEqual(name, "converge_ablation")
-    self.assertEqual(cases[0][1:], ["healthy", "sync", "--mode=sync"])
+    self.assertEqual(cases[0][1:4], ["healthy", "sync", "--mode=sync"])
+    # Every case runs the dataset's job on the shared stream.
+    for case in cases:
+      self.assertContainsSubset(["--input=shared", "--dataset=movielens"],
+                                case[4])
     variants = [c[2] for c in cases[1:]]
     self.assertIn("exp0.5_t2_weights", variants)
     self.assertIn("no_decay", variants)

@@ -453,13 +453,14 @@ def plot(rows, summary, stem):
 
 
 def _converge_plan():
-  """(name, [(dataset, condition, mode, args)], seeds) of --converge."""
+  """(name, [(dataset, condition, mode, mode args, job args)], seeds) of
+  --converge."""
   if FLAGS.tiny:
     # CI: the whole path (shared stream, curves, plateau, pairing) on the
     # smallest job: healthy sync against GBA with a straggler, 2 seeds.
     cases = [("synthetic", "healthy", "sync"), ("synthetic", "straggler",
                                                 "gba")]
-    return ("converge_tiny", [(d, c, m, MODES[m] + CONVERGE_COMMON +
+    return ("converge_tiny", [(d, c, m, MODES[m], CONVERGE_COMMON +
                                CONVERGE_TINY) for d, c, m in cases],
             FLAGS.repeats if FLAGS["repeats"].present else 2)
   datasets = FLAGS.datasets
@@ -488,7 +489,7 @@ def _converge_plan():
     args.update({v: ["--mode=gba"] + a for v, a in ABLATION.items()})
     pairs = [("healthy", "sync")] + [(c, v) for c in conditions
                                      if c != "healthy" for v in ABLATION]
-  cases = [(d, c, m, args[m] + CONVERGE_COMMON + CONVERGE[d])
+  cases = [(d, c, m, args[m], CONVERGE_COMMON + CONVERGE[d])
            for d in datasets for c, m in pairs]
   seeds = FLAGS.repeats if FLAGS["repeats"].present else 5
   name = "converge_ablation" if FLAGS.ablation else "converge"
@@ -603,8 +604,10 @@ def converge_main(name, cases, seeds, flagfile) -> int:
   rows, start = [], time.perf_counter()
   # Seed-major: drift in the machine's speed spreads over every case.
   for seed in range(seeds):
-    for dataset, condition, mode, args in cases:
-      row = run_case(condition, mode, args, [], seed, log_dir, flagfile,
+    for dataset, condition, mode, args, job in cases:
+      # The dataset's job before this command's own flags, which can change
+      # it (e.g. --train_steps); the mode's flags last.
+      row = run_case(condition, mode, args, job, seed, log_dir, flagfile,
                      tag=f"{dataset}-")
       row["dataset"] = dataset
       rows.append(row)
