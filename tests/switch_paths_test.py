@@ -95,13 +95,12 @@ class SwitchingBenchmarkTest(tf.test.TestCase):
                        [0, 1024, 2048, 3072])
       seconds = [p["train_seconds"] for p in run["curve"]]
       self.assertEqual(seconds, sorted(seconds))
-    # The middle leg met the straggler in GBA; the first legs are the same
-    # sync training of the same seed, so the paths agree there.
+    # The middle leg met the straggler in GBA. (The first legs are both
+    # sync on the same stream, but not equal: which worker takes which
+    # batch, and so which step a batch lands in, varies from run to run.)
     self.assertEqual(runs["gba"]["legs"][1],
                      {"mode": "gba", "condition": "straggler",
                       "until_step": 8})
-    self.assertAlmostEqual(runs["gba"]["curve"][1]["auc"],
-                           runs["sync"]["curve"][1]["auc"], places=4)
     gba = next(e for e in report["summary"] if e["path"] == "gba")
     self.assertAlmostEqual(gba["auc_vs_sync"]["mean"],
                            runs["gba"]["test_auc"] - runs["sync"]["test_auc"])
