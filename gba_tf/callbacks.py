@@ -83,10 +83,16 @@ class SaveEveryLoop(tf.keras.callbacks.Callback):
   manager's `is_chief` decides who keeps the files).
   """
 
-  def __init__(self, manager: checkpoints.CheckpointManager, optimizer):
+  def __init__(self, manager: checkpoints.CheckpointManager, optimizer,
+               samples_at=None):
+    """`samples_at`: optional, iterations -> training samples processed,
+    recorded with each checkpoint (see `CheckpointManager.save`)."""
     super().__init__()
     self.manager = manager
     self._optimizer = optimizer
+    self._samples_at = samples_at
 
   def on_epoch_end(self, epoch, logs=None):
-    self.manager.save(int(self._optimizer.iterations.numpy()))
+    step = int(self._optimizer.iterations.numpy())
+    self.manager.save(step, samples=(self._samples_at(step) if
+                                     self._samples_at else None))

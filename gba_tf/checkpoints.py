@@ -27,9 +27,11 @@ once: TensorFlow's own eager save leaks memory on every parameter server at
 every save (see the class).
 """
 
+import json
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 import tensorflow as tf
 
@@ -38,10 +40,25 @@ from gba_tf import compat
 # Enough to survive a write interrupted mid-way; older ones are of no use
 # once a newer one is complete.
 _MAX_TO_KEEP = 3
+# Next to `ckpt-<n>`: the samples trained up to it (`restored_samples`).
+_PROGRESS_SUFFIX = ".progress.json"
 
 
 def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
   return tf.train.Checkpoint(model=model, optimizer=optimizer)
+
+
+def restored_samples(directory: str) -> Optional[int]:
+  """Training samples the latest checkpoint in `directory` had processed,
+  as `CheckpointManager.save` recorded them; 0 without a checkpoint, None
+  for a checkpoint saved without them."""
+  path = tf.train.latest_checkpoint(directory) if directory else None
+  if not path:
+    return 0
+  if not tf.io.gfile.exists(path + _PROGRESS_SUFFIX):
+    return None
+  with tf.io.gfile.GFile(path + _PROGRESS_SUFFIX) as f:
+    return int(json.load(f)["samples"])
 
 
 def restore_latest(directory: str, model, optimizer) -> int:
@@ -140,8 +157,14 @@ class CheckpointManager:
     """
     return sum(w.experimental_get_tracing_count() for w in self._writes)
 
-  def save(self, step: int) -> str:
+  def save(self, step: int, samples: Optional[int] = None) -> str:
     """Writes checkpoint `ckpt-<step>`; returns its path prefix.
+
+    `samples`: training samples processed up to this checkpoint, kept next
+    to it (`ckpt-<step>.progress.json`, read by `restored_samples`).
+    `optimizer.iterations` alone cannot say: it counts global batches in
+    sync and GBA but local batches in plain async, so after a change of
+    mode the same count means different amounts of training.
 
     A second save at the step this manager last saved writes nothing: the
     variables change only with the step.
@@ -160,6 +183,12 @@ class CheckpointManager:
     tf.io.gfile.makedirs(self.directory)
     path = os.path.join(self.directory, name)
     self._writer()(tf.constant(path))
+    if samples is not None:
+      # Before the `checkpoint` file names it: a restore never finds the
+      # checkpoint without its progress.
+      with tf.io.gfile.GFile(path + _PROGRESS_SUFFIX, "w") as f:
+        f.write(json.dumps({"iterations": int(step),
+                            "samples": int(samples)}))
     self._last = name
     # Recorded before anything is deleted: a crash in between leaves at
     # most stale files, never a `checkpoint` file naming a deleted one.

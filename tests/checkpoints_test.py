@@ -163,6 +163,31 @@ class CheckpointManagerTest(tf.test.TestCase):
                                                 optimizer), 5)
     self.assertAllEqual(bias, np.full(bias.shape, 4.0))
 
+  def test_samples_recorded_next_to_each_checkpoint_and_dropped_with_it(self):
+    # optimizer.iterations cannot say how far training got across modes
+    # (async counts local batches), so each save may record the samples.
+    model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
+    model.build((None, 3))
+    optimizer = tf.keras.optimizers.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+    directory = os.path.join(self.get_temp_dir(), "progress")
+    self.assertEqual(checkpoints.restored_samples(directory), 0)
+    manager = checkpoints.CheckpointManager(directory, model, optimizer,
+                                            max_to_keep=2)
+    # Sync wrote 350 global steps of 1,024; then async, counting local
+    # batches of 256 from there, 1,200 more: 350 x 1,024 + 1,200 x 256.
+    manager.save(350, samples=358_400)
+    self.assertEqual(checkpoints.restored_samples(directory), 358_400)
+    manager.save(1_550, samples=665_600)
+    self.assertEqual(checkpoints.restored_samples(directory), 665_600)
+    # Saved without the record (as before it existed): unknown.
+    manager.save(1_600)
+    self.assertIsNone(checkpoints.restored_samples(directory))
+    # The oldest checkpoint went, and its record with it.
+    self.assertEqual(sorted(f for f in os.listdir(directory)
+                            if f.endswith(".progress.json")),
+                     ["ckpt-1550.progress.json"])
+
   def test_non_chief_writes_and_keeps_nothing(self):
     # A MultiWorkerMirroredStrategy worker other than the chief must take
     # part in every write, then keep nothing: no file in the directory, no

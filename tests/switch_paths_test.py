@@ -77,16 +77,29 @@ class SwitchingBenchmarkTest(tf.test.TestCase):
     with open(os.path.join(out, "switching_tiny.json")) as f:
       report = json.load(f)
     runs = {r["path"]: r for r in report["runs"]}
-    self.assertCountEqual(runs, ["sync", "gba"])
+    self.assertCountEqual(runs, ["sync", "gba", "async"])
     for path, run in runs.items():
       # Three launches on one model directory, each resuming the last
-      # one's checkpoint: 4 optimizer steps each, 12 in all.
+      # one's checkpoint: a third of the 12 x 256 samples each.
       self.assertEqual([p["mode"] for p in run["phases"]],
                        [m for m, _ in switch_paths.PATHS[path]])
-      self.assertEqual([p["start_step"] for p in run["phases"]], [0, 4, 8])
-      self.assertEqual([p["optimizer_steps"] for p in run["phases"]],
-                       [4, 4, 4])
-      self.assertEqual(run["optimizer_steps"], 12)
+      self.assertEqual([p["start_samples"] for p in run["phases"]],
+                       [0, 1024, 2048])
+      self.assertEqual([p["samples"] for p in run["phases"]],
+                       [1024, 1024, 1024])
+    for path in ("sync", "gba"):
+      # Sync and GBA count global batches: 4 optimizer steps per leg.
+      self.assertEqual([p["start_step"] for p in runs[path]["phases"]],
+                       [0, 4, 8])
+      self.assertEqual(runs[path]["optimizer_steps"], 12)
+    # Plain async counts local batches (128): its leg is 8 of them, from
+    # the 4 the sync checkpoint held, and the last sync leg resumes at 12
+    # iterations that are 2,048 samples, not 12 global batches.
+    self.assertEqual([p["start_step"] for p in runs["async"]["phases"]],
+                     [0, 4, 12])
+    self.assertEqual([p["optimizer_steps"] for p in runs["async"]["phases"]],
+                     [4, 8, 4])
+    for path, run in runs.items():
       self.assertIn("--input=shared", run["args"])
       self.assertLen(run["leg_wall_seconds"], 3)
       # One curve over the three legs: every loop's evaluation once (local

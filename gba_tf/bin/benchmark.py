@@ -636,9 +636,10 @@ def _switching_plan():
   its paths in this order (gba before auto, whose straggler lasts as long as
   gba's first two legs took)."""
   if FLAGS.tiny:
-    # CI: the forced path and its reference on the smallest job, one seed.
+    # CI: the forced paths and their reference on the smallest job, one
+    # seed (async's leg resumes a sync checkpoint counting local batches).
     cases = [("synthetic", p, CONVERGE_COMMON + SWITCHING_TINY)
-             for p in ("sync", "gba")]
+             for p in ("sync", "gba", "async")]
     return ("switching_tiny", cases,
             FLAGS.repeats if FLAGS["repeats"].present else 1)
   for d in FLAGS.datasets:
@@ -698,9 +699,9 @@ def run_path(dataset, path, args, seed, log_dir, flagfile,
       "straggler_seconds": straggler_seconds if path == "auto" else None,
       "leg_wall_seconds": walls, "wall_seconds": sum(walls),
       "train_seconds": sum(p["seconds"] for p in phases),
-      "phases": [{k: p[k] for k in ("mode", "start_step", "optimizer_steps",
-                                    "samples", "seconds")}
-                 for p in phases],
+      "phases": [{k: p.get(k) for k in (
+          "mode", "start_step", "start_samples", "optimizer_steps", "samples",
+          "seconds")} for p in phases],
       "switches": result["switches"],
       "optimizer_steps": result["optimizer_steps"],
       "test_auc": result["test_auc"], "test_logloss": result["test_logloss"],

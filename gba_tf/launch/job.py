@@ -76,16 +76,16 @@ class Job:
     optimizer = _OPTIMIZERS[self.config.optimizer](self.config.learning_rate)
     return model, optimizer
 
-  def _dataset_fn(self, sync: bool, start_step: int = 0):
+  def _dataset_fn(self, sync: bool, start_samples: int = 0):
     shared = None
     if self.config.input == "shared":
-      # Every mode consumes one global batch of the stream per optimizer
-      # step: a resumed or switched phase goes on where the last stopped.
+      # The stream's position is the samples trained so far: a resumed or
+      # switched phase goes on where the last stopped, whatever its mode.
       shared = shared_epoch.SharedEpoch(
           self.config.data_service,
-          job_name=f"gba_tf-{self.config.mode}-{start_step}",
+          job_name=f"gba_tf-{self.config.mode}-{start_samples}",
           num_examples=len(self.data.train_ids), seed=self.config.seed,
-          start=start_step * self.config.global_batch_size)
+          start=start_samples)
     return synthetic.dataset_fn(
         self.data.train_ids, self.data.train_labels,
         self.config.local_batch_size, self.config.step_ms,
@@ -169,7 +169,18 @@ class Job:
     else:
       batch, per_step = c.local_batch_size, c.num_aggregate
       total = c.train_steps * c.local_batches_per_global_batch
-    done = restored * per_step
+    # Progress in samples, as the checkpoint's writer recorded it: the
+    # restored optimizer.iterations counts local batches if plain async
+    # wrote it and global batches otherwise, so after a change of mode it
+    # alone would misstate how far training got (a checkpoint without the
+    # record is read in this mode's units).
+    recorded = checkpoints.restored_samples(ckpt_dir)
+    start_samples = (recorded if recorded is not None
+                     else restored * per_step * batch)
+    done = start_samples // batch
+
+    def samples_at(iterations: int) -> int:
+      return start_samples + (iterations - restored) * per_step * batch
     steps_per_epoch = c.steps_per_loop * (1 if sync else
                                           c.local_batches_per_global_batch)
     remaining = total - done
@@ -193,7 +204,8 @@ class Job:
       if c.checkpoint_every_loop:
         # Every loop lands in ckpt/: rerunning a preempted command, or the
         # launcher's restart after a PS failure, resumes from the last one.
-        callbacks.append(gba_callbacks.SaveEveryLoop(manager, optimizer))
+        callbacks.append(gba_callbacks.SaveEveryLoop(manager, optimizer,
+                                                     samples_at))
       callbacks.append(job_progress.StopAfterBatches(remaining, steps_per_epoch))
       if health_cb is not None:
         callbacks.append(health_cb)
@@ -215,12 +227,12 @@ class Job:
       start = time.perf_counter()
       model.fit(
           tf.keras.utils.experimental.DatasetCreator(
-              self._dataset_fn(sync, restored)),
+              self._dataset_fn(sync, start_samples)),
           epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
           verbose=2 if self.task.is_chief else 0)
       seconds = time.perf_counter() - start
     step = int(optimizer.iterations.numpy())
-    finished = step * per_step >= total
+    finished = samples_at(step) >= total * batch
     eval_seconds = curve.seconds if curve is not None else 0.0
     phase = self._phase(step - restored, seconds - eval_seconds, eval_seconds,
                         strategy, sync, per_step)
@@ -232,7 +244,8 @@ class Job:
     # Where this run started: past the phase's first checkpoint when a
     # preempted run resumed from a later loop.
     phase["start_step"] = restored
-    manager.save(step)
+    phase["start_samples"] = start_samples
+    manager.save(step, samples=samples_at(step))
     if health_cb is not None and health_cb.target and not finished:
       if self.task.is_chief:
         state = switching.SwitchState.load(c.model_dir)
