@@ -113,6 +113,15 @@ class CrossModeCheckpointTest(tf.test.TestCase):
     self.assertAllClose(model2(x), sync_model(x), atol=1e-6)
 
 
+def _dense_and_adam():
+  """A built one-layer model and its built optimizer, on no strategy."""
+  model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
+  model.build((None, 3))
+  optimizer = tf.keras.optimizers.Adam(0.01)
+  optimizer.build(model.trainable_variables)
+  return model, optimizer
+
+
 class CheckpointManagerTest(tf.test.TestCase):
 
   def _gba_model(self, cluster):
@@ -166,10 +175,7 @@ class CheckpointManagerTest(tf.test.TestCase):
   def test_samples_recorded_next_to_each_checkpoint_and_dropped_with_it(self):
     # optimizer.iterations cannot say how far training got across modes
     # (async counts local batches), so each save may record the samples.
-    model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
-    model.build((None, 3))
-    optimizer = tf.keras.optimizers.Adam(0.01)
-    optimizer.build(model.trainable_variables)
+    model, optimizer = _dense_and_adam()
     directory = os.path.join(self.get_temp_dir(), "progress")
     self.assertEqual(checkpoints.restored_samples(directory), 0)
     manager = checkpoints.CheckpointManager(directory, model, optimizer,
@@ -192,10 +198,7 @@ class CheckpointManagerTest(tf.test.TestCase):
     # A MultiWorkerMirroredStrategy worker other than the chief must take
     # part in every write, then keep nothing: no file in the directory, no
     # temporary directory left behind.
-    model = tf.keras.Sequential([tf.keras.layers.Dense(2)])
-    model.build((None, 3))
-    optimizer = tf.keras.optimizers.Adam(0.01)
-    optimizer.build(model.trainable_variables)
+    model, optimizer = _dense_and_adam()
     directory = os.path.join(self.get_temp_dir(), "non_chief")
     scratch = tempfile.gettempdir()
     before = set(glob.glob(os.path.join(scratch, "gba_ckpt_*")))

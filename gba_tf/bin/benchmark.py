@@ -199,6 +199,16 @@ def _modes_and_conditions(modes, conditions):
   return modes, conditions
 
 
+def _datasets():
+  """--datasets of --converge / --switching; raises ValueError naming one
+  that has no job in CONVERGE."""
+  for d in FLAGS.datasets:
+    if d not in CONVERGE:
+      raise ValueError(f"Received: --datasets={d}, which is not one of "
+                       f"{list(CONVERGE)}.")
+  return FLAGS.datasets
+
+
 def _log_dir(name):
   """`<out_dir>/<name>_logs`, created (with out_dir)."""
   log_dir = os.path.join(FLAGS.out_dir, f"{name}_logs")
@@ -463,11 +473,7 @@ def _converge_plan():
     return ("converge_tiny", [(d, c, m, MODES[m], CONVERGE_COMMON +
                                CONVERGE_TINY) for d, c, m in cases],
             FLAGS.repeats if FLAGS["repeats"].present else 2)
-  datasets = FLAGS.datasets
-  for d in datasets:
-    if d not in CONVERGE:
-      raise ValueError(f"Received: --datasets={d}, which is not one of "
-                       f"{list(CONVERGE)}.")
+  datasets = _datasets()
   modes, conditions = _modes_and_conditions(list(CONVERGE_MODES),
                                             list(CONVERGE_CONDITIONS))
   # Healthy sync is what every case is paired against: always run. Sync
@@ -496,6 +502,16 @@ def _converge_plan():
   return FLAGS.name or name, cases, seeds
 
 
+def _paired(runs, reference):
+  """Final AUC and logloss of `runs` minus `reference`'s, paired by seed
+  (`convergence.paired_difference`)."""
+  def by_seed(rs, key):
+    return {r["repeat"]: r[key] for r in rs}
+  return tuple(convergence.paired_difference(by_seed(runs, key),
+                                             by_seed(reference, key))
+               for key in ("test_auc", "test_logloss"))
+
+
 def summarize_converge(rows):
   """Per (dataset, condition, mode): final AUC / logloss and plateau per
   seed, and the differences from healthy sync paired by seed."""
@@ -505,12 +521,8 @@ def summarize_converge(rows):
                       []).append(row)
   summary = []
   for (dataset, condition, mode), runs in groups.items():
-    ref = groups.get((dataset, "healthy", "sync"), [])
-    by_seed = lambda rs, key: {r["repeat"]: r[key] for r in rs}  # pylint: disable=unnecessary-lambda-assignment
-    auc = convergence.paired_difference(by_seed(runs, "test_auc"),
-                                        by_seed(ref, "test_auc"))
-    logloss = convergence.paired_difference(by_seed(runs, "test_logloss"),
-                                            by_seed(ref, "test_logloss"))
+    auc, logloss = _paired(runs, groups.get((dataset, "healthy", "sync"),
+                                            []))
     gains = [convergence.plateau_gain(r["curve"]) for r in runs]
     summary.append({
         "dataset": dataset, "condition": condition, "mode": mode,
@@ -642,10 +654,7 @@ def _switching_plan():
              for p in ("sync", "gba", "async")]
     return ("switching_tiny", cases,
             FLAGS.repeats if FLAGS["repeats"].present else 1)
-  for d in FLAGS.datasets:
-    if d not in CONVERGE:
-      raise ValueError(f"Received: --datasets={d}, which is not one of "
-                       f"{list(CONVERGE)}.")
+  datasets = _datasets()
   for p in FLAGS.paths:
     if p not in switch_paths.PATHS:
       raise ValueError(f"Received: --paths={p}, which is not one of "
@@ -659,7 +668,7 @@ def _switching_plan():
                      "gba, whose first two legs time auto's straggler.")
   paths = [p for p in switch_paths.PATHS if p in FLAGS.paths]
   cases = [(d, p, CONVERGE_COMMON + CONVERGE[d])
-           for d in FLAGS.datasets for p in paths]
+           for d in datasets for p in paths]
   seeds = FLAGS.repeats if FLAGS["repeats"].present else 5
   return FLAGS.name or "switching", cases, seeds
 
@@ -720,8 +729,8 @@ def summarize_switching(rows):
   summary = []
   for (dataset, path), runs in groups.items():
     ref = groups.get((dataset, switch_paths.REFERENCE), [])
-    by_seed = lambda rs, key: {r["repeat"]: r[key] for r in rs}  # pylint: disable=unnecessary-lambda-assignment
-    ref_wall = by_seed(ref, "wall_seconds")
+    ref_wall = {r["repeat"]: r["wall_seconds"] for r in ref}
+    auc, logloss = _paired(runs, ref)
     summary.append({
         "dataset": dataset, "path": path, "seeds": len(runs),
         "legs": [leg["mode"] for leg in runs[0]["legs"]],
@@ -733,14 +742,11 @@ def summarize_switching(rows):
             r["wall_seconds"] / ref_wall[r["repeat"]] for r in runs
             if r["repeat"] in ref_wall) if ref_wall else None,
         "switches": [len(r["switches"]) for r in runs],
-        "auc_vs_sync": convergence.paired_difference(
-            by_seed(runs, "test_auc"), by_seed(ref, "test_auc")),
-        "logloss_vs_sync": convergence.paired_difference(
-            by_seed(runs, "test_logloss"), by_seed(ref, "test_logloss")),
+        "auc_vs_sync": auc,
+        "logloss_vs_sync": logloss,
+        "meets_target": (convergence.meets_target(auc)
+                         if path != switch_paths.REFERENCE else None),
     })
-    entry = summary[-1]
-    entry["meets_target"] = (convergence.meets_target(entry["auc_vs_sync"])
-                             if path != switch_paths.REFERENCE else None)
   return summary
 
 
