@@ -21,6 +21,7 @@ import os as _os
 _os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf import applier
 from gba_tf import callbacks
 from gba_tf import checkpoints
 from gba_tf import export

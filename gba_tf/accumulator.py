@@ -24,11 +24,16 @@ on is scalar, on the first PS task:
    mutex, so no lock is taken and concurrent adds never lose an update).
 4. Land and apply: the push reports its landing to a scalar critical section
    on the first PS task. The push whose landing completes step `s` (M
-   landings), when step `s - 1` is applied, claims the apply; it reads and
-   clears buffer `s % 2` on every shard and runs the optimizer there, in
-   parallel across shards and outside any lock, while other pushes add into
-   the other buffer. Applies run one at a time and in order: a step that
-   completes while another is applied is chained by the applying push.
+   landings), when step `s - 1` is applied, claims the apply and hands the
+   step to the applier (`gba_tf.applier`): one function, started once from
+   the chief, that runs on the parameter servers and applies each step it
+   is handed. It reads and clears buffer `s % 2` on every shard and runs
+   the optimizer there, in parallel across shards and outside any lock,
+   while other pushes add into the other buffer. Applies run one at a time
+   and in order: a step that completes while another is applied is chained
+   by the applier. The claiming push waits for the applier's reply, so it
+   returns, as a synchronous step would, once its step is applied; no
+   other push waits, and no push carries the apply in its own graph.
 
 Every shard therefore applies, for step `s`, exactly the gradients holding
 tickets `s*M .. s*M + M - 1`, whatever order they reached the shards in.
@@ -54,6 +59,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from gba_tf import applier as applier_lib
 from gba_tf import counters as counters_lib
 from gba_tf import schedule
 from gba_tf import staleness as staleness_lib
@@ -74,6 +80,10 @@ _BUSY = 3
 # Entries (one per accepted push) a sparse slot's row queue can hold; an open
 # step holds M of them.
 _ROW_QUEUE_CAPACITY = 1 << 20
+
+# Entries of the applier's queues: one claim is open at a time (plus a stop
+# request, and replies that a dead claimer left).
+_REPLY_CAPACITY = 1024
 
 # Hold-time samples kept by `enable_hold_profile` (a ring; newest win).
 _HOLD_PROFILE_SIZE = 16384
@@ -252,6 +262,12 @@ class GradientAggregator:
       # exclusive_resource_access=False: the global step guarded here is
       # also read, lock-free, by every worker's token read.
       self._lock = tf.CriticalSection(name="gba_schedule_lock")
+      # Completed steps for the applier, and its replies (the last step of
+      # each chain it applied) to the claiming pushes (`gba_tf.applier`).
+      self._ready = tf.queue.FIFOQueue(_REPLY_CAPACITY, tf.int64,
+                                       shapes=[[]], name="gba_ready")
+      self._applied = tf.queue.FIFOQueue(_REPLY_CAPACITY, tf.int64,
+                                         shapes=[[]], name="gba_applied")
       # Sum of the accepted weights of each open step ("weights" only).
       self._weight_sums = (
           tf.Variable(tf.zeros([schedule.OPEN_STEPS], tf.float32),
@@ -264,7 +280,8 @@ class GradientAggregator:
     self.stall_seconds = stall_lib.DEFAULT_STALL_SECONDS
     self.poll_seconds = stall_lib.DEFAULT_POLL_SECONDS
     self._watchdog = None
-    self._recovery_parts = None
+    self._apply_parts = None
+    self._applier = None
     # Tickets of the first two global steps (no device scope: an eager
     # queue op runs where the queue lives).
     self._tickets.enqueue_many(
@@ -345,7 +362,8 @@ class GradientAggregator:
       worker_index: int64 index of the pushing worker.
 
     Returns:
-      A bool tensor: whether this push applied at least one global step.
+      A bool tensor: whether this push completed a global step (and waited
+      for the applier to apply it).
     """
     m = self.num_aggregate
     staged = []
@@ -432,24 +450,35 @@ class GradientAggregator:
                 lambda: self._land(parity, tf.cast(accepted, tf.int64))),
             exclusive_resource_access=False)
 
-    # What a dead push's claimed apply needs, for the stall watchdog: the
-    # slots and optimizers, not this trace's gradients.
-    self._recovery_parts = (
+    # What the applier (and a dead push's claimed apply, for the stall
+    # watchdog) needs: the slots and optimizers, not this trace's gradients.
+    self._apply_parts = (
         [[(slot, None, var) for slot, _, var in part] for part in staged],
         [OptimizerStep([], step.apply_fn) for step in steps])
+    self._start_applier()
     self._start_watchdog()
 
     with tf.device(self._device):
-      applied_any = claim
-      claim = self._apply_chain(staged, steps, claim, next_step)
-      with tf.control_dependencies([claim]):
-        return tf.identity(applied_any)
+      def announce():
+        # The applier applies the step (and any that complete meanwhile);
+        # its reply (the last step of its chain) says it is done. Not an
+        # apply in this graph: see `gba_tf.applier` for why. A reply older
+        # than this step was left by a claimer that died waiting: skipped.
+        with tf.control_dependencies([self._ready.enqueue(next_step)]):
+          reply = self._applied.dequeue()
+        reply, = tf.while_loop(lambda r: r < next_step,
+                               lambda unused_r: [self._applied.dequeue()],
+                               [reply], parallel_iterations=1)
+        return tf.greater_equal(reply, next_step)
+
+      return tf.cond(claim, announce, lambda: tf.constant(False))
 
   def _apply_chain(self, staged, steps, claim, step):
     """Applies `step` if `claim`, then each following step that completed.
 
     The loop runs on the first PS task; each iteration applies one global
     step on every shard and finishes it in the scalar critical section.
+    Returns the last step applied (`step - 1` if none).
     """
     m = self.num_aggregate
 
@@ -466,9 +495,55 @@ class GradientAggregator:
         return tf.identity(more), tf.identity(following)
 
     with tf.device(self._device):
-      claim, _ = tf.while_loop(lambda c, unused_step: c, apply_and_continue,
-                               (claim, step), parallel_iterations=1)
-    return claim
+      _, following = tf.while_loop(lambda c, unused_step: c,
+                                   apply_and_continue, (claim, step),
+                                   parallel_iterations=1)
+      return following - 1
+
+  def _serve_function(self):
+    """The applier's loop (`gba_tf.applier`): applies each step the pushes
+    announce, replies, and ends on `applier.STOP`."""
+    staged, steps = self._apply_parts
+
+    @tf.function
+    def serve(limit):
+      with tf.device(self._device):
+        def more(served, running):
+          return tf.logical_and(running, tf.logical_or(limit < 0,
+                                                       served < limit))
+
+        def serve_one(served, unused_running):
+          step = self._ready.dequeue()
+          go = step >= 0
+          last = self._apply_chain(staged, steps, go, step)
+          replied = tf.cond(go, lambda: self._reply(last),
+                            lambda: tf.constant(False))
+          with tf.control_dependencies([replied]):
+            return served + 1, tf.identity(go)
+
+        tf.while_loop(more, serve_one,
+                      (tf.constant(0, tf.int64), tf.constant(True)),
+                      parallel_iterations=1)
+
+    return serve
+
+  def _reply(self, last):
+    with tf.control_dependencies([self._applied.enqueue(last)]):
+      return tf.constant(True)
+
+  def _start_applier(self) -> None:
+    if self._applier is not None:
+      return
+    strategy = self._extended._container_strategy()  # pylint: disable=protected-access
+    self._applier = applier_lib.Applier(
+        self._serve_function(), strategy.scope,
+        lambda: self._ready.enqueue(tf.constant(applier_lib.STOP, tf.int64)))
+    self._applier.start()
+
+  def stop_applier(self) -> None:
+    """Ends the applier's loop (it also ends at exit)."""
+    if self._applier is not None:
+      self._applier.stop()
 
   def _start_watchdog(self) -> None:
     if self._watchdog is None and self.stall_seconds is not None:
@@ -503,13 +578,15 @@ class GradientAggregator:
       return False
     m = self.num_aggregate
     if action.finish_apply:
-      if self._recovery_parts is None:
+      if self._apply_parts is None:
         raise RuntimeError("no push has been traced; nothing to apply")
-      staged, steps = self._recovery_parts
+      staged, steps = self._apply_parts
 
       @tf.function
       def finish(step):
-        return self._apply_chain(staged, steps, tf.constant(True), step)
+        last = self._apply_chain(staged, steps, tf.constant(True), step)
+        # The claimer may still wait for its reply.
+        return self._reply(last)
 
       with self._extended._container_strategy().scope():  # pylint: disable=protected-access
         finish(tf.constant(observed[1], tf.int64))

@@ -148,8 +148,12 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
     * Pushes serialize only on scalar bookkeeping on the first PS task (a
       ticket from a queue, a landing count); gradients are added and
       applied on each shard's own PS task, in parallel across shards
-      (`gba_tf.accumulator`, docs/design.md section 3). The cost against
-      plain ParameterServerStrategy is measured in README "Results".
+      (`gba_tf.accumulator`, docs/design.md section 3). Global steps are
+      applied by one long-running function on the parameter servers,
+      started from the chief the first time a step is traced
+      (`gba_tf.applier`, a thread named "gba-applier" waits for it). The
+      cost against plain ParameterServerStrategy is measured in README
+      "Results".
     * A worker killed in the middle of a push leaves the schedule waiting
       for a landing or an apply that will never come; after
       `aggregator.stall_seconds` (30 s) without progress the chief re-issues

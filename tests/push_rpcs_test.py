@@ -1,4 +1,4 @@
-"""GBA's push adds a few cross-task RPCs to async's, not a few per variable.
+"""GBA's push: a few cross-task RPCs over async's, and no apply in it.
 
 Every tensor (or control edge) that crosses tasks inside a step function is
 a `_Send`/`_Recv` pair, and each `_Recv` is one RecvTensor RPC each time the
@@ -10,10 +10,16 @@ variable shards over 2 PS) under plain ParameterServerStrategy and under
 GBAStrategy, has TF dump the partitioned graphs, and counts the RPCs each
 PS task receives per local step.
 
-Counted on the landed code: GBA 23 and 18 on ps:0 and ps:1, async 24 and
+Counted on the landed code: GBA 20 and 14 on ps:0 and ps:1, async 24 and
 12. Before the push was trimmed, GBA's were 43 and 22: a finite flag and a
 control edge per gradient, the learning rate read once per variable, and
-three scalars to each shard.
+three scalars to each shard; then 23 and 18 while the apply was a branch of
+every push.
+
+The same dump shows what each PS task runs per push: the optimizer's update
+must not be there (`gba_tf.applier` applies global steps in a function of
+its own). With the apply as a branch of the push, the PS tasks ran 764 and
+513 nodes per push (async: 171 and 176); without, 422 and 224.
 """
 
 import collections
@@ -30,8 +36,12 @@ import tensorflow as tf
 from tests import testing_utils
 
 # RPCs GBA may add per PS task and local step: the finite flag, the packed
-# decision, the landing barrier, the apply loop's predicate and step.
-_EXTRA_PER_TASK = 8
+# decision, the landing barrier.
+_EXTRA_PER_TASK = 4
+
+# Adagrad's update (accumulator += g^2; var -= lr * g / sqrt(accumulator)):
+# an op only the optimizer's apply runs.
+_UPDATE_OP = "Rsqrt"
 
 _PARTITION = re.compile(
     r"__inference_step_\d+_partition__job:(\w+)_replica:0_task:(\d+)_"
@@ -74,10 +84,10 @@ def probe(mode: str) -> None:
   os._exit(0)  # pylint: disable=protected-access
 
 
-def _received_rpcs(dump_dir: str) -> dict:
-  """{'ps:0': n, ...}: cross-task `_Recv`s per task in the step function."""
+def _partitions(dump_dir: str) -> dict:
+  """{'ps:0': (cross-task `_Recv`s, op types), ...} of the step function."""
   from tensorflow.core.framework import graph_pb2  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
-  counts = {}
+  partitions = {}
   for path in glob.glob(os.path.join(dump_dir, "*.pbtxt")):
     match = _PARTITION.search(os.path.basename(path))
     if not match:
@@ -89,14 +99,25 @@ def _received_rpcs(dump_dir: str) -> dict:
     received = collections.Counter(
         node.attr["send_device"].s.decode().split("device:")[0]
         for node in graph.node if node.op in ("_Recv", "_HostRecv"))
-    counts[f"{match.group(1)}:{match.group(2)}"] = sum(
-        n for sender, n in received.items() if sender != task)
-  return counts
+    partitions[f"{match.group(1)}:{match.group(2)}"] = (
+        sum(n for sender, n in received.items() if sender != task),
+        {node.op for node in graph.node})
+  return partitions
 
 
 class PushRpcsTest(tf.test.TestCase):
 
-  def _count(self, mode: str) -> dict:
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.partitions = {}
+
+  def _partitions(self, mode: str) -> dict:
+    if mode not in self.partitions:
+      self.partitions[mode] = self._dump(mode)
+    return self.partitions[mode]
+
+  def _dump(self, mode: str) -> dict:
     dump_dir = testing_utils.temp_dir(self, f"dump_{mode}_")
     env = dict(os.environ, TF_DUMP_GRAPH_PREFIX=dump_dir,
                TF_DUMP_GRAPH_NAME_FILTER="*")
@@ -105,23 +126,30 @@ class PushRpcsTest(tf.test.TestCase):
          f"from tests import push_rpcs_test; push_rpcs_test.probe({mode!r})"],
         cwd=testing_utils.ROOT, env=env, check=True, timeout=300,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    counts = _received_rpcs(dump_dir)
+    partitions = _partitions(dump_dir)
     # One partition per task (the step ran on either worker): a dump that TF
     # stopped writing (or renamed) must fail here, not pass uncounted.
     self.assertCountEqual(
-        [task for task in counts if task.startswith("ps:")],
-        ["ps:0", "ps:1"], counts)
-    self.assertLen([task for task in counts if task.startswith("worker:")],
-                   1, counts)
-    return counts
+        [task for task in partitions if task.startswith("ps:")],
+        ["ps:0", "ps:1"], list(partitions))
+    self.assertLen([task for task in partitions
+                    if task.startswith("worker:")], 1, list(partitions))
+    return partitions
 
   def test_gba_adds_a_bounded_number_of_rpcs_per_ps_task(self):
-    pss = self._count("pss")
-    gba = self._count("gba")
+    pss = {task: rpcs for task, (rpcs, _) in self._partitions("pss").items()}
+    gba = {task: rpcs for task, (rpcs, _) in self._partitions("gba").items()}
     for task in ("ps:0", "ps:1"):
       self.assertGreater(pss[task], 0)
       self.assertLessEqual(gba[task], pss[task] + _EXTRA_PER_TASK,
                            f"{task}: GBA {gba}, async {pss}")
+
+  def test_the_optimizer_update_is_not_part_of_a_push(self):
+    # Async applies in every push: the op is found where it runs.
+    pss = self._partitions("pss")
+    self.assertTrue(any(_UPDATE_OP in ops for _, ops in pss.values()))
+    for task, (_, ops) in self._partitions("gba").items():
+      self.assertNotIn(_UPDATE_OP, ops, task)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,10 @@ class StallRecoveryTest(tf.test.TestCase):
     self.assertEqual(metrics["global_steps"], 3, metrics)
     coordinator.join()
     aggregator.stop_watchdog()
+    # The applier (gba_tf.applier) waits for the next step until stopped.
+    self.applier_ran = aggregator._applier.running
     testing_utils.keep_alive(strategy, coordinator, w, optimizer)
+    self.assertFalse(aggregator._applier.running)
     return strategy, w, optimizer, aggregator
 
   def _assert_sync_result(self, strategy, w, optimizer):
@@ -181,6 +184,9 @@ class StallRecoveryTest(tf.test.TestCase):
     strategy, w, optimizer, aggregator = self._train(lambda unused: None)
     self._assert_sync_result(strategy, w, optimizer)
     self.assertEqual(aggregator._watchdog.recoveries, 0)
+    # Steps were applied by the applier, which ran until stopped.
+    self.assertTrue(self.applier_ran)
+    self.assertIsNone(aggregator._applier.error)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def keep_alive(*objects) -> None:
   for obj in objects:
     if isinstance(obj, gba_tf.GBAStrategy):
       obj.extended.aggregator.stop_watchdog()
+      obj.extended.aggregator.stop_applier()
   _KEEP_ALIVE.append(objects)
 
 
@@ -63,6 +64,7 @@ def collect_before_switching_cluster() -> None:
   cluster) are stopped first: one polling across the switch segfaults too.
   """
   gba_tf.stall.stop_all()
+  gba_tf.applier.stop_all()
   gc.collect()
 
 

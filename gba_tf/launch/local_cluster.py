@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
+from gba_tf import applier
 from gba_tf import stall
 from gba_tf.launch import tasks
 
@@ -172,8 +173,10 @@ class LocalCluster:
     return tasks.resolver(self.spec, task_type="chief", task_id=0)
 
   def stop(self) -> None:
-    # A GBA stall watchdog polling these servers would outlive them.
+    # A GBA stall watchdog polling these servers, or an applier waiting on
+    # them, would outlive them.
     stall.stop_all()
+    applier.stop_all()
     tasks.terminate(self.processes.values())
     for f in self._logs:
       f.close()
