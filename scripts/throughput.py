@@ -9,9 +9,11 @@ are interleaved across repeats so that drift of the machine hits both.
 Prints a table and writes results/throughput.json. Each run also measures
 the CPU each local step costs, per role (parameter servers, workers, chief),
 from /proc over the timed part of the run only (after the warm-up, so TF
-start-up and tracing are not counted).
+start-up and tracing are not counted, and after a garbage collection, so
+that the warm-up's released iterators are not either).
 """
 
+import gc
 import json
 import os
 import sys
@@ -66,6 +68,19 @@ def _cpu_seconds(pid: int) -> float:
   return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_jiffies():
+  """(stolen, all) CPU time of the whole machine so far, from /proc/stat.
+
+  "Steal" is time a virtual machine's CPUs were runnable but the host ran
+  something else: on a shared host it slows a run without any process of
+  it using more CPU, which is worth seeing next to a run's speed.
+  """
+  with open("/proc/stat") as f:
+    fields = [int(x) for x in f.readline().split()[1:]]
+  # user nice system idle iowait irq softirq steal ...
+  return fields[7], sum(fields[:8])
+
+
 def _cpu_by_role(cluster) -> dict:
   roles = {"ps": 0.0, "worker": 0.0, "chief": _cpu_seconds(os.getpid())}
   for name, proc in cluster.processes.items():
@@ -86,17 +101,26 @@ def run_once(mode, cluster, data, ids, labels, config):
                                         FLAGS.straggler))
   creator = tf.keras.utils.experimental.DatasetCreator(dataset_fn)
   model.fit(creator, epochs=1, steps_per_epoch=FLAGS.warmup_steps, verbose=0)
+  # What the warm-up (and the previous run) left behind is freed here, not
+  # inside the timed part: releasing a per-worker iterator removes its
+  # functions from the remote context, which holds the chief's GIL for
+  # seconds (README, "Results") and dispatches no closure meanwhile.
+  gc.collect()
   cpu_before = _cpu_by_role(cluster)
+  steal_before, total_before = _machine_jiffies()
   start = time.perf_counter()
   history = model.fit(creator, epochs=1, steps_per_epoch=FLAGS.steps,
                       verbose=0)
   seconds = time.perf_counter() - start
   cpu_after = _cpu_by_role(cluster)
+  steal_after, total_after = _machine_jiffies()
   row = {"mode": mode, "local_steps": FLAGS.steps, "seconds": seconds,
          "local_steps_per_s": FLAGS.steps / seconds,
          "samples_per_s": FLAGS.steps * FLAGS.local_batch_size / seconds,
          "loss": float(history.history["loss"][-1]),
          "optimizer_steps": int(model.optimizer.iterations.numpy()),
+         "host_steal_fraction": ((steal_after - steal_before)
+                                 / max(total_after - total_before, 1)),
          "cpu_ms_per_local_step": {
              role: 1e3 * (cpu_after[role] - cpu_before[role]) / FLAGS.steps
              for role in cpu_before}}
@@ -121,7 +145,8 @@ def main(argv):
         row["repeat"] = repeat
         rows.append(row)
         print(f"[{repeat}] {mode:4s} {row['local_steps_per_s']:8.1f} local "
-              f"steps/s  loss {row['loss']:.4f}", flush=True)
+              f"steps/s  host steal {row['host_steal_fraction']:.1%}  "
+              f"loss {row['loss']:.4f}", flush=True)
   summary = {}
   for mode in FLAGS.modes:
     rates = [r["local_steps_per_s"] for r in rows if r["mode"] == mode]

@@ -472,6 +472,13 @@ class GBAStrategySyncEquivalenceTest(tf.test.TestCase):
     m, local, steps = 3, 8, 4
     ids, y = _learnable_data(m * local * steps, seed=7)
     loss_fn = _mean_bce
+    config = gba_tf.GBAConfig(global_batch_size=m * local,
+                              local_batch_size=local)
+    # The strategy first: it connects the context to the cluster, and a
+    # variable made before that is not readable after (the test failed run
+    # on its own, with no earlier test to connect).
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
 
     ref = _ctr_model()
     ref_opt = tf.keras.optimizers.Adam(0.05)
@@ -482,10 +489,6 @@ class GBAStrategySyncEquivalenceTest(tf.test.TestCase):
       grads = tape.gradient(loss, ref.trainable_variables)
       ref_opt.apply_gradients(zip(grads, ref.trainable_variables))
 
-    config = gba_tf.GBAConfig(global_batch_size=m * local,
-                              local_batch_size=local)
-    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
-                                  config, testing_utils.two_shards())
     coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
     with strategy.scope():
       model = _ctr_model()
