@@ -61,6 +61,7 @@ import tensorflow as tf
 
 from gba_tf import applier as applier_lib
 from gba_tf import counters as counters_lib
+from gba_tf import push_trace as push_trace_lib
 from gba_tf import schedule
 from gba_tf import staleness as staleness_lib
 from gba_tf import stall as stall_lib
@@ -87,6 +88,8 @@ _REPLY_CAPACITY = 1024
 
 # Hold-time samples kept by `enable_hold_profile` (a ring; newest win).
 _HOLD_PROFILE_SIZE = 16384
+# Pushes kept by `enable_push_trace` (a ring; newest win).
+_TRACE_SIZE = 16384
 
 
 class _Slot:
@@ -207,6 +210,12 @@ class OptimizerStep:
   apply_fn: Callable[[List[Tuple[Any, tf.Variable]]], Any]
 
 
+def _time_after(tensor):
+  """`tf.timestamp()` once `tensor` is computed (float64 seconds)."""
+  with tf.control_dependencies([tensor]):
+    return tf.timestamp()
+
+
 def _per_device_barriers(ops) -> List[tf.Operation]:
   """One no-op per device that waits for `ops` on that device.
 
@@ -274,6 +283,7 @@ class GradientAggregator:
                       trainable=False, name="gba_weight_sums")
           if normalize == "weights" else None)
     self._hold_micros = None
+    self._trace = None
     # Recovery from pushes that die half-way (`gba_tf.stall`): seconds
     # without progress before the chief acts (None: never), and between its
     # reads of the schedule.
@@ -313,6 +323,33 @@ class GradientAggregator:
           name="gba_hold_micros")
       self._hold_count = tf.Variable(tf.constant(0, tf.int64),
                                      trainable=False, name="gba_hold_count")
+
+  def enable_push_trace(self) -> None:
+    """Records every push's landmarks (`gba_tf.push_trace`; calibration).
+
+    Call before the first step is traced; `push_trace()` reads the rows.
+    Each push then costs four more timestamps and one scatter on the first
+    PS task.
+    """
+    with tf.device(self._device):
+      self._trace = tf.Variable(
+          tf.zeros([_TRACE_SIZE, len(push_trace_lib.COLUMNS)], tf.float64),
+          trainable=False, name="gba_push_trace")
+      self._trace_count = tf.Variable(tf.constant(0, tf.int64),
+                                      trainable=False,
+                                      name="gba_push_trace_count")
+
+  def push_trace(self):
+    """The traced pushes' rows (`gba_tf.push_trace.COLUMNS`), oldest first;
+    None if tracing is off."""
+    if self._trace is None:
+      return None
+    n = int(self._trace_count.numpy())
+    rows = self._trace.numpy()
+    if n <= _TRACE_SIZE:
+      return rows[:n]
+    start = n % _TRACE_SIZE
+    return np.concatenate([rows[start:], rows[:start]])
 
   def hold_profile(self):
     """Microseconds each critical section was held, oldest first."""
@@ -390,7 +427,8 @@ class GradientAggregator:
 
     with tf.device(self._device):
       with tf.control_dependencies(tensors):
-        compute_seconds = tf.timestamp() - read_time
+        arrive_time = tf.timestamp()
+      compute_seconds = arrive_time - read_time
       finite = (tf.reduce_all(tf.stack(checks)) if checks
                 else tf.constant(True))
       ticket = tf.cond(finite, self._tickets.dequeue,
@@ -471,7 +509,24 @@ class GradientAggregator:
                                [reply], parallel_iterations=1)
         return tf.greater_equal(reply, next_step)
 
-      return tf.cond(claim, announce, lambda: tf.constant(False))
+      completed = tf.cond(claim, announce, lambda: tf.constant(False))
+      if self._trace is None:
+        return completed
+      return self._record_trace(
+          completed, worker_index,
+          [read_time, arrive_time, _time_after(ticket), _time_after(claim)],
+          claim)
+
+  def _record_trace(self, completed, worker_index, times, claim):
+    """Appends this push's row (`gba_tf.push_trace.COLUMNS`) to the ring."""
+    row = tf.stack([tf.cast(worker_index, tf.float64)] + times
+                   + [_time_after(completed),
+                      tf.cast(claim, tf.float64)])
+    index = self._trace_count.assign_add(1, read_value=True) - 1
+    record = self._trace.scatter_nd_update(
+        tf.reshape(index % _TRACE_SIZE, [1, 1]), tf.reshape(row, [1, -1]))
+    with tf.control_dependencies([record]):
+      return tf.identity(completed)
 
   def _apply_chain(self, staged, steps, claim, step):
     """Applies `step` if `claim`, then each following step that completed.

@@ -106,7 +106,8 @@ class LayoutTest(tf.test.TestCase):
     # The rules the runtime and the simulator share are numpy; the
     # simulator runs them without building one TF op.
     paths = [os.path.join(_PACKAGE, name) for name in
-             ("schedule.py", "staleness.py", "config.py", "stragglers.py")]
+             ("schedule.py", "staleness.py", "config.py", "stragglers.py",
+              "push_trace.py")]
     paths += [os.path.join(_PACKAGE, "sim", name) for name in
               ("engine.py", "timing.py", "accuracy.py", "calibration.py")]
     for path in paths:

@@ -325,8 +325,11 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
       # calibration (gba_tf.sim.calibration) reads as each worker's compute.
       "worker_mean_step_seconds": (gba["worker_mean_step_seconds"] if gba
                                    else None),
+      # Where the pushes' time went (with --trace_pushes): the calibration's
+      # measured phases.
+      "push_phases": gba.get("push_phases") if gba else None,
       "gba_counters": {k: v for k, v in gba.items()
-                       if not isinstance(v, list)} if gba else None,
+                       if not isinstance(v, (list, dict))} if gba else None,
       "args": train_args, "config": config, "log": log_path,
   }
 

@@ -150,6 +150,11 @@ def define_flags() -> None:
       "inject_nonfinite_worker", -1,
       "TEST ONLY: this worker's labels become NaN, so its gradients are not "
       "finite (GBA must reject them). -1: none.")
+  flags.DEFINE_bool(
+      "trace_pushes", False,
+      "Record every GBA push's timestamps on the first PS and report where "
+      "their time went (gba_metrics()['push_phases']; the simulator's "
+      "calibration reads it). Costs a few ops per push.")
   # Health monitor and switching.
   flags.DEFINE_integer("health_check_steps", 5,
                        "Optimizer steps between two health checks.")

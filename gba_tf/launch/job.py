@@ -142,7 +142,11 @@ class Job:
     if self.config.mode == "async":
       return tf.distribute.experimental.ParameterServerStrategy(
           resolver, partitioner)
-    return strategy_lib.GBAStrategy(resolver, self.config.gba, partitioner)
+    strategy = strategy_lib.GBAStrategy(resolver, self.config.gba,
+                                        partitioner)
+    if self.config.trace_pushes:
+      strategy.extended.aggregator.enable_push_trace()
+    return strategy
 
   def _train(self, strategy, sync: bool) -> int:
     c = self.config

@@ -56,6 +56,7 @@ class JobConfig:
   straggler_stop_file: str
   straggler_period: int
   inject_nonfinite_worker: int
+  trace_pushes: bool
   input: str
   data_service: Optional[str]
   health_check_steps: int
@@ -159,6 +160,7 @@ def config_from_flags(task: tasks.TaskConfig,
       straggler_stop_file=f.straggler_stop_file,
       straggler_period=f.straggler_period,
       inject_nonfinite_worker=f.inject_nonfinite_worker,
+      trace_pushes=f.trace_pushes,
       input=f.input, data_service=data_service,
       health_check_steps=f.health_check_steps,
       health_window=f.health_window,

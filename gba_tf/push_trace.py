@@ -1,0 +1,94 @@
+"""Where a push's time goes: its phases, from per-push timestamps.
+
+`GradientAggregator.enable_push_trace()` records, for every push, the
+times of its landmarks on the parameter servers' clock (one machine's in a
+local cluster; every task's `tf.timestamp()` otherwise, so use it where the
+tasks' clocks agree):
+
+    read     the worker read its token (the step began)
+    arrive   the gradients reached the first PS task
+    ticket   the push had its ticket (its place in the global order)
+    landed   its landing was counted in the scalar section
+    end      it returned (after the applier's reply, if it completed a step)
+
+`phases()` turns those rows into the durations the simulator's calibration
+(`gba_tf.sim.calibration`) takes as measured inputs, instead of fitting
+them: a worker's token-to-arrival time (its compute, and the spread of it),
+the wait for a ticket, the adds and landing, the apply a claiming push
+waits for, and the time from a push's end to its worker's next token read
+(the coordinator's dispatch and the reply's trip).
+
+Pure numpy: the runtime records, this module reads.
+
+Example:
+
+>>> rows = [[0, 0.00, 0.03, 0.031, 0.033, 0.033, 0],
+...         [0, 0.05, 0.08, 0.081, 0.083, 0.093, 1]]
+>>> p = phases(rows, num_workers=1, warmup_fraction=0.0)
+>>> round(p["gap_s"], 3), round(p["apply_s"], 3), p["claim_fraction"]
+(0.017, 0.01, 0.5)
+"""
+
+from typing import Dict, Sequence
+
+import numpy as np
+
+# Columns of a trace row.
+COLUMNS = ("worker", "read", "arrive", "ticket", "landed", "end", "claimed")
+WORKER, READ, ARRIVE, TICKET, LANDED, END, CLAIMED = range(len(COLUMNS))
+
+
+def phases(rows: Sequence[Sequence[float]], num_workers: int,
+           warmup_fraction: float = 0.1) -> Dict[str, object]:
+  """Mean phase durations of the traced pushes, in seconds.
+
+  The first `warmup_fraction` of the pushes (by read time: tracing and
+  start-up) are left out.
+
+  Args:
+    rows: one row per push, `COLUMNS` in order.
+    num_workers: N (a worker without pushes gets None entries).
+    warmup_fraction: share of the earliest pushes left out, in [0, 1).
+
+  Returns:
+    A dict of:
+      pushes: the pushes summarized.
+      arrive_s: per worker, mean token read to arrival at the first PS.
+      arrive_log_sd: per worker, standard deviation of log(arrive_s).
+      ticket_wait_s: mean arrival to ticket.
+      land_s: mean ticket to counted landing.
+      apply_s: mean landing to end of the pushes that completed a step.
+      claim_fraction: share of pushes that completed a step.
+      gap_s: per worker, mean end of a push to the worker's next read.
+  """
+  if not 0 <= warmup_fraction < 1:
+    raise ValueError(f"Received: warmup_fraction={warmup_fraction!r}, "
+                     "which must be in [0, 1).")
+  t = np.asarray(rows, np.float64).reshape(-1, len(COLUMNS))
+  t = t[np.argsort(t[:, READ], kind="stable")]
+  t = t[int(len(t) * warmup_fraction):]
+  worker = t[:, WORKER].astype(np.int64)
+  claimed = t[:, CLAIMED] > 0
+  arrive = t[:, ARRIVE] - t[:, READ]
+  out = {"pushes": int(len(t)),
+         "ticket_wait_s": _mean(t[:, TICKET] - t[:, ARRIVE]),
+         "land_s": _mean(t[:, LANDED] - t[:, TICKET]),
+         "apply_s": _mean((t[:, END] - t[:, LANDED])[claimed]),
+         "claim_fraction": float(claimed.mean()) if len(t) else 0.0,
+         "arrive_s": [], "arrive_log_sd": [], "gap_s": []}
+  for w in range(num_workers):
+    mine = t[worker == w]
+    out["arrive_s"].append(_mean(arrive[worker == w]))
+    positive = arrive[worker == w]
+    positive = positive[positive > 0]
+    out["arrive_log_sd"].append(float(np.std(np.log(positive)))
+                                if len(positive) > 1 else None)
+    # A push's end to the same worker's next read.
+    out["gap_s"].append(_mean(mine[1:, READ] - mine[:-1, END]))
+  return out
+
+
+def _mean(values):
+  """The mean, or None (JSON's null) where there is nothing to average."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()) if values.size else None

@@ -1,0 +1,110 @@
+"""The push trace: its rows, recorded on a real cluster, and their phases."""
+
+import numpy as np
+
+import gba_tf
+from gba_tf import push_trace
+import tensorflow as tf
+
+from tests import testing_utils
+
+
+class PhasesTest(tf.test.TestCase):
+
+  # Two workers, three pushes each (read, arrive, ticket, landed, end, claimed):
+  #   w0: 0.00 .03 .04 .05 .05 -  | .06 .10 .11 .12 .12 -  | .15 .19 .20 .21 .25 C
+  #   w1: 0.01 .03 .03 .04 .09 C  | .10 .13 .14 .15 .15 -  | .20 .23 .24 .25 .25 -
+  # arrive - read: w0 .03 .04 .04 (mean 0.11/3); w1 .02 .03 .03 (mean 0.08/3).
+  # ticket - arrive: .01 .01 .01 0 .01 .01 -> 0.05/6.  landed - ticket: .01 each.
+  # end - landed of the two claimers: .04 (w0) and .05 (w1) -> 0.045.
+  # gap, end to the worker's next read: w0 .06-.05 = .01, .15-.12 = .03 -> .02;
+  # w1 .10-.09 = .01, .20-.15 = .05 -> .03.
+  ROWS = [
+      [0, 0.00, 0.03, 0.04, 0.05, 0.05, 0],
+      [1, 0.01, 0.03, 0.03, 0.04, 0.09, 1],
+      [0, 0.06, 0.10, 0.11, 0.12, 0.12, 0],
+      [1, 0.10, 0.13, 0.14, 0.15, 0.15, 0],
+      [0, 0.15, 0.19, 0.20, 0.21, 0.25, 1],
+      [1, 0.20, 0.23, 0.24, 0.25, 0.25, 0],
+  ]
+
+  def test_hand_derived_phases(self):
+    # Shuffled: the rows are put in read order first.
+    rows = [self.ROWS[i] for i in (3, 0, 5, 1, 4, 2)]
+    p = push_trace.phases(rows, num_workers=3, warmup_fraction=0.0)
+    self.assertEqual(p["pushes"], 6)
+    self.assertAllClose(p["arrive_s"][:2], [0.11 / 3, 0.08 / 3])
+    self.assertAllClose(p["ticket_wait_s"], 0.05 / 6)
+    self.assertAllClose(p["land_s"], 0.01)
+    self.assertAllClose(p["apply_s"], 0.045)
+    self.assertAllClose(p["claim_fraction"], 2 / 6)
+    self.assertAllClose(p["gap_s"][:2], [0.02, 0.03])
+    # log sd of w1's (.02, .03, .03): by numpy's definition, written out.
+    logs = np.log([0.02, 0.03, 0.03])
+    self.assertAllClose(p["arrive_log_sd"][1],
+                        np.sqrt(np.mean((logs - logs.mean()) ** 2)))
+    # Worker 2 never pushed.
+    self.assertEqual((p["arrive_s"][2], p["gap_s"][2]), (None, None))
+
+  def test_warmup_leaves_out_the_earliest_pushes(self):
+    # 1/3 of 6: the two earliest reads (w0's and w1's first pushes) go, and
+    # with them w1's only claim: apply_s is over w0's claim alone.
+    p = push_trace.phases(self.ROWS, num_workers=2, warmup_fraction=1 / 3)
+    self.assertEqual(p["pushes"], 4)
+    self.assertAllClose(p["apply_s"], 0.04)
+    self.assertAllClose(p["gap_s"], [0.03, 0.05])
+
+  def test_bad_warmup(self):
+    with self.assertRaisesRegex(ValueError, r"Received: warmup_fraction=1"):
+      push_trace.phases(self.ROWS, num_workers=2, warmup_fraction=1)
+
+
+def _dataset_fn(input_context):
+  del input_context
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 40, size=(512, 3))
+  labels = (ids.sum(axis=1, keepdims=True) % 2).astype(np.float32)
+  return tf.data.Dataset.from_tensor_slices((ids, labels)).repeat().batch(16)
+
+
+class PushTraceClusterTest(tf.test.TestCase):
+
+  def test_every_push_is_traced_in_order_of_its_landmarks(self):
+    config = gba_tf.GBAConfig(global_batch_size=64, local_batch_size=16)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    aggregator = strategy.extended.aggregator
+    self.assertIsNone(aggregator.push_trace())
+    self.assertNotIn("push_phases", strategy.gba_metrics())
+    aggregator.enable_push_trace()
+    with strategy.scope():
+      ids = tf.keras.Input(shape=(3,), dtype=tf.int64)
+      x = tf.keras.layers.Flatten()(tf.keras.layers.Embedding(40, 4)(ids))
+      model = tf.keras.Model(ids, tf.keras.layers.Dense(1)(x))
+      model.compile(tf.keras.optimizers.Adagrad(0.1),
+                    tf.keras.losses.BinaryCrossentropy(from_logits=True))
+    model.fit(tf.keras.utils.experimental.DatasetCreator(_dataset_fn),
+              epochs=1, steps_per_epoch=40, verbose=0)
+    m = strategy.gba_metrics()
+    rows = aggregator.push_trace()
+    # One row per push, each worker's as many as the counters say.
+    self.assertLen(rows, m["pushed"])
+    worker = rows[:, push_trace.WORKER].astype(int)
+    self.assertEqual(np.bincount(worker, minlength=2).tolist(),
+                     m["worker_pushed"])
+    # Each push's landmarks in the order the push passes them.
+    times = rows[:, push_trace.READ:push_trace.END + 1]
+    self.assertTrue(np.all(np.diff(times, axis=1) >= 0), times)
+    # A claim per applier hand-over: at least one, and never more than the
+    # global steps (one claim can cover steps that completed meanwhile).
+    claims = int(rows[:, push_trace.CLAIMED].sum())
+    self.assertBetween(claims, 1, m["global_steps"])
+    # The phases, with 10% start-up left out.
+    phases = m["push_phases"]
+    self.assertEqual(phases["pushes"], m["pushed"] - m["pushed"] // 10)
+    self.assertTrue(all(s > 0 for s in phases["arrive_s"]), phases)
+    self.assertGreater(phases["apply_s"], 0)
+
+
+if __name__ == "__main__":
+  tf.test.main()
