@@ -513,13 +513,15 @@ class GradientAggregator:
       if self._trace is None:
         return completed
       return self._record_trace(
-          completed, worker_index,
+          completed, worker_index, token, step_index,
           [read_time, arrive_time, _time_after(ticket), _time_after(claim)],
           claim)
 
-  def _record_trace(self, completed, worker_index, times, claim):
+  def _record_trace(self, completed, worker_index, token, step, times,
+                    claim):
     """Appends this push's row (`gba_tf.push_trace.COLUMNS`) to the ring."""
-    row = tf.stack([tf.cast(worker_index, tf.float64)] + times
+    row = tf.stack([tf.cast(x, tf.float64)
+                    for x in (worker_index, token, step)] + times
                    + [_time_after(completed),
                       tf.cast(claim, tf.float64)])
     index = self._trace_count.assign_add(1, read_value=True) - 1
@@ -544,8 +546,15 @@ class GradientAggregator:
           more, following = self._lock.execute(
               lambda: self._timed(lambda: self._finish(step)),
               exclusive_resource_access=False)
-          refill = self._tickets.enqueue_many(
-              tf.range(*schedule.refill(step, m)))
+          # The tickets of step + 2 only once `step` is finished: they share
+          # its buffer parity, and the finish clears that parity's landing
+          # count. Issued earlier, a landing on one of them could be counted
+          # and then cleared (seen with 8 workers on 2 cores: the step
+          # stayed one landing short until the stall watchdog re-issued a
+          # ticket, and the lost push's gradient went into it as well).
+          with tf.control_dependencies([more, following]):
+            refill = self._tickets.enqueue_many(
+                tf.range(*schedule.refill(step, m)))
       with tf.control_dependencies([refill]):
         return tf.identity(more), tf.identity(following)
 

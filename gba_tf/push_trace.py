@@ -1,9 +1,9 @@
 """Where a push's time goes: its phases, from per-push timestamps.
 
 `GradientAggregator.enable_push_trace()` records, for every push, the
-times of its landmarks on the parameter servers' clock (one machine's in a
-local cluster; every task's `tf.timestamp()` otherwise, so use it where the
-tasks' clocks agree):
+worker, the token it read and the global step it joined (its ticket's), and
+the times of its landmarks (each task's `tf.timestamp()`: use it where the
+tasks' clocks agree, as in a local cluster):
 
     read     the worker read its token (the step began)
     arrive   the gradients reached the first PS task
@@ -22,8 +22,8 @@ Pure numpy: the runtime records, this module reads.
 
 Example:
 
->>> rows = [[0, 0.00, 0.03, 0.031, 0.033, 0.033, 0],
-...         [0, 0.05, 0.08, 0.081, 0.083, 0.093, 1]]
+>>> rows = [[0, 0, 0, 0.00, 0.03, 0.031, 0.033, 0.033, 0],
+...         [0, 0, 0, 0.05, 0.08, 0.081, 0.083, 0.093, 1]]
 >>> p = phases(rows, num_workers=1, warmup_fraction=0.0)
 >>> round(p["gap_s"], 3), round(p["apply_s"], 3), p["claim_fraction"]
 (0.017, 0.01, 0.5)
@@ -34,8 +34,10 @@ from typing import Dict, Sequence
 import numpy as np
 
 # Columns of a trace row.
-COLUMNS = ("worker", "read", "arrive", "ticket", "landed", "end", "claimed")
-WORKER, READ, ARRIVE, TICKET, LANDED, END, CLAIMED = range(len(COLUMNS))
+COLUMNS = ("worker", "token", "step", "read", "arrive", "ticket", "landed",
+           "end", "claimed")
+(WORKER, TOKEN, STEP, READ, ARRIVE, TICKET, LANDED, END,
+ CLAIMED) = range(len(COLUMNS))
 
 
 def phases(rows: Sequence[Sequence[float]], num_workers: int,

@@ -118,5 +118,57 @@ class PushOrderTest(tf.test.TestCase):
       self.assertEqual(optimizer.iterations.numpy(), _PUSHES // _M)
 
 
+def _ancestor_ops(function_def, node_name):
+  """Op types of every node `node_name` depends on (data or control)."""
+  nodes = {n.name: n for n in function_def.node_def}
+  seen, stack = set(), [node_name]
+  while stack:
+    for source in nodes[stack.pop()].input:
+      source = source.lstrip("^").split(":")[0]
+      if source in nodes and source not in seen:
+        seen.add(source)
+        stack.append(source)
+  return {nodes[n].op for n in seen}
+
+
+class RefillOrderTest(tf.test.TestCase):
+
+  def test_the_next_tickets_are_issued_after_the_step_is_finished(self):
+    # Step s + 2's tickets share step s's buffer parity, whose landing count
+    # the finish of s (in the critical section) clears. Issued before the
+    # finish, a landing on one of them can be counted and then cleared: with
+    # 8 workers on 2 cores a step stayed one landing short until the stall
+    # watchdog re-issued a ticket ("lost: 1"). No test can force that
+    # interleaving, so this checks the order in the applier's graph: the
+    # ticket refill must depend on the critical section (its MutexLock).
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config)
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+      v = tf.Variable(tf.zeros([4]))
+      optimizer = tf.keras.optimizers.SGD(0.1)
+
+    @tf.function
+    def step():
+      def replica_fn():
+        with tf.GradientTape() as tape:
+          loss = tf.reduce_sum(v * v + v)
+        optimizer.apply_gradients([(tape.gradient(loss, v), v)])
+      strategy.run(replica_fn)
+
+    for _ in range(2):
+      coordinator.schedule(step)
+    coordinator.join()
+    self.assertEqual(strategy.gba_metrics()["global_steps"], 1)
+    serve = strategy.extended.aggregator._applier._serve  # pylint: disable=protected-access
+    graph = serve.get_concrete_function(
+        tf.TensorSpec([], tf.int64)).graph.as_graph_def()
+    refills = [(f, n.name) for f in graph.library.function
+               for n in f.node_def if n.op == "QueueEnqueueManyV2"]
+    self.assertLen(refills, 1)
+    self.assertIn("MutexLock", _ancestor_ops(*refills[0]))
+
+
 if __name__ == "__main__":
   tf.test.main()

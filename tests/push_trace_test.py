@@ -11,7 +11,8 @@ from tests import testing_utils
 
 class PhasesTest(tf.test.TestCase):
 
-  # Two workers, three pushes each (read, arrive, ticket, landed, end, claimed):
+  # Two workers, three pushes each (read, arrive, ticket, landed, end, claimed;
+  # token and step are 0, not read here):
   #   w0: 0.00 .03 .04 .05 .05 -  | .06 .10 .11 .12 .12 -  | .15 .19 .20 .21 .25 C
   #   w1: 0.01 .03 .03 .04 .09 C  | .10 .13 .14 .15 .15 -  | .20 .23 .24 .25 .25 -
   # arrive - read: w0 .03 .04 .04 (mean 0.11/3); w1 .02 .03 .03 (mean 0.08/3).
@@ -20,12 +21,12 @@ class PhasesTest(tf.test.TestCase):
   # gap, end to the worker's next read: w0 .06-.05 = .01, .15-.12 = .03 -> .02;
   # w1 .10-.09 = .01, .20-.15 = .05 -> .03.
   ROWS = [
-      [0, 0.00, 0.03, 0.04, 0.05, 0.05, 0],
-      [1, 0.01, 0.03, 0.03, 0.04, 0.09, 1],
-      [0, 0.06, 0.10, 0.11, 0.12, 0.12, 0],
-      [1, 0.10, 0.13, 0.14, 0.15, 0.15, 0],
-      [0, 0.15, 0.19, 0.20, 0.21, 0.25, 1],
-      [1, 0.20, 0.23, 0.24, 0.25, 0.25, 0],
+      [0, 0, 0, 0.00, 0.03, 0.04, 0.05, 0.05, 0],
+      [1, 0, 0, 0.01, 0.03, 0.03, 0.04, 0.09, 1],
+      [0, 0, 0, 0.06, 0.10, 0.11, 0.12, 0.12, 0],
+      [1, 0, 0, 0.10, 0.13, 0.14, 0.15, 0.15, 0],
+      [0, 0, 0, 0.15, 0.19, 0.20, 0.21, 0.25, 1],
+      [1, 0, 0, 0.20, 0.23, 0.24, 0.25, 0.25, 0],
   ]
 
   def test_hand_derived_phases(self):
@@ -92,6 +93,12 @@ class PushTraceClusterTest(tf.test.TestCase):
     worker = rows[:, push_trace.WORKER].astype(int)
     self.assertEqual(np.bincount(worker, minlength=2).tolist(),
                      m["worker_pushed"])
+    # Its token and step give the staleness the counters histogram.
+    tau = np.maximum(rows[:, push_trace.STEP] - rows[:, push_trace.TOKEN], 0)
+    histogram = m["staleness_histogram"]
+    self.assertEqual(
+        np.bincount(tau.astype(int), minlength=len(histogram)).tolist(),
+        histogram)
     # Each push's landmarks in the order the push passes them.
     times = rows[:, push_trace.READ:push_trace.END + 1]
     self.assertTrue(np.all(np.diff(times, axis=1) >= 0), times)

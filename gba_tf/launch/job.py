@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any, Dict
 
+import numpy as np
 import tensorflow as tf
 
 from gba_tf import callbacks as gba_callbacks
@@ -344,6 +345,11 @@ class Job:
                               else 0.0}
     if gba is not None:
       phase["gba"] = gba
+      trace = strategy.extended.aggregator.push_trace()
+      if trace is not None:
+        # The raw rows (gba_tf.push_trace.COLUMNS), for a closer look than
+        # the phases' means.
+        np.save(os.path.join(c.model_dir, f"push_trace-{c.mode}.npy"), trace)
     return phase
 
   def _append_phase(self, phase: Dict[str, Any]) -> None:

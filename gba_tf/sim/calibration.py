@@ -91,6 +91,7 @@ class Measured:
   samples_per_s: float
   staleness_histogram: Optional[List[int]]
   worker_seconds: Optional[List[float]]
+  push_phases: Optional[Dict[str, object]] = None
 
   @classmethod
   def from_row(cls, row) -> "Measured":
@@ -107,7 +108,8 @@ class Measured:
                stragglers=stragglers_lib.parse(straggler),
                samples_per_s=row["samples_per_s"],
                staleness_histogram=row.get("staleness_histogram"),
-               worker_seconds=row.get("worker_mean_step_seconds"))
+               worker_seconds=row.get("worker_mean_step_seconds"),
+               push_phases=row.get("push_phases"))
 
 
 def healthy_compute_s(run: Measured, rpc_s: float) -> float:
@@ -137,6 +139,72 @@ def cluster_for(run: Measured, base_s: float, overhead_s: float,
       # --straggler=i:k stretches the emulated step (the input sleep) only.
       input_s=run.step_ms / 1000.0, input_slowdown=dict(run.stragglers),
       **costs)
+
+
+def traced_costs(run: Measured, rpc_s: float = LOCAL_COSTS["rpc_s"],
+                 serial_s: float = LOCAL_COSTS["serial_s"]
+                 ) -> Dict[str, float]:
+  """The simulator's costs as a traced run measured them.
+
+  `run.push_phases` (`gba_tf.push_trace`, from `--trace_pushes`) gives the
+  mean of each phase of a push; its healthy workers' medians are taken:
+
+    arrive (token read to the gradients at the first PS)
+        = compute + rpc_s, compute lognormal with median base_s and shape
+          sigma (the spread of log(arrive)): base_s = (arrive - rpc_s) /
+          exp(sigma^2 / 2), the lognormal's mean over its median;
+    land (ticket to counted landing) = add_s / P + serial_s;
+    apply (a claiming push's landing to its end) = apply_s / P + serial_s;
+    gap (a push's end to the worker's next token read) = rpc_s + overhead_s.
+
+  The wait for a ticket is not an input: the simulator's ticket window
+  produces it.
+
+  Returns:
+    base_s, sigma, overhead_s, add_s, apply_s (seconds; sigma unitless).
+  """
+  p = run.push_phases
+  if not p:
+    raise ValueError(f"Received: a {run.condition} {run.mode} run with no "
+                     "push_phases; rerun it with --trace_pushes.")
+  healthy = [i for i in range(run.num_workers) if i not in run.stragglers]
+
+  def median(key):
+    values = [p[key][i] for i in healthy if p[key][i] is not None]
+    return float(np.median(values))
+
+  sigma = median("arrive_log_sd")
+  shards = max(run.num_ps, 1)
+  m = cluster_for(run, 1.0, 0.0).gba_config(run.mode).num_aggregate
+  # Global steps per claim: (pushes / M) / (pushes * claim_fraction).
+  steps_per_claim = 1.0 / min(m * p["claim_fraction"], 1.0)
+  return {
+      "push_s": p["ticket_wait_s"] + p["land_s"],
+      "base_s": max(median("arrive_s") - rpc_s, 0.0) / np.exp(sigma ** 2 / 2),
+      "sigma": sigma,
+      "overhead_s": max(median("gap_s") - rpc_s, 0.0),
+      "add_s": 0.0,
+      # A claim applies the steps that completed meanwhile too: per step,
+      # the claim's time over its steps (global steps over claims).
+      "apply_s": max((p["apply_s"] or 0.0) / steps_per_claim - serial_s,
+                     0.0) * shards,
+  }
+
+
+def traced_cluster(run: Measured, costs: Dict[str, float]
+                   ) -> engine.ClusterModel:
+  """The simulated cluster of `run`'s shape and stragglers, with `costs`
+  (`traced_costs` of a run of the same shape and mode)."""
+  compute = timing.ComputeModel(costs["base_s"], distribution="lognormal",
+                                sigma=costs["sigma"])
+  return engine.ClusterModel(
+      num_workers=run.num_workers, compute=compute, num_ps=run.num_ps,
+      local_batch_size=run.local_batch_size,
+      global_batch_size=run.global_batch_size,
+      overhead_s=costs["overhead_s"],
+      input_s=run.step_ms / 1000.0, input_slowdown=dict(run.stragglers),
+      rpc_s=LOCAL_COSTS["rpc_s"], serial_s=LOCAL_COSTS["serial_s"],
+      push_s=costs["push_s"], add_s=costs["add_s"], apply_s=costs["apply_s"])
 
 
 def fit_overhead(run: Measured, base_s: float, local_steps: int,
