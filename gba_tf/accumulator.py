@@ -431,12 +431,19 @@ class GradientAggregator:
       compute_seconds = arrive_time - read_time
       finite = (tf.reduce_all(tf.stack(checks)) if checks
                 else tf.constant(True))
-      ticket = tf.cond(finite, self._tickets.dequeue,
-                       lambda: tf.constant(-1, tf.int64))
+      # Each timestamp is waited for by what follows it: TF runs a cheap op
+      # whenever its thread gets to it, and a timestamp that nothing waits
+      # for was seen to run only after the push had landed.
+      with tf.control_dependencies([arrive_time]):
+        ticket = tf.cond(finite, self._tickets.dequeue,
+                         lambda: tf.constant(-1, tf.int64))
+      traced = self._trace is not None
+      ticket_time = _time_after(ticket) if traced else None
       # A rejected push has no ticket; its tau (for the histogram) is
       # measured against the global step.
-      step_index = tf.where(finite, schedule.step_of(ticket, m),
-                            self.tokens.global_step.read_value())
+      with tf.control_dependencies([ticket_time] if traced else []):
+        step_index = tf.where(finite, schedule.step_of(ticket, m),
+                              self.tokens.global_step.read_value())
       tau = schedule.staleness(step_index, token, _TF_OPS)
       weight = self._tables.weight(tau, _TF_OPS)
       accepted = tf.logical_and(finite, self._tables.accepts(tau, _TF_OPS))
@@ -509,13 +516,14 @@ class GradientAggregator:
                                [reply], parallel_iterations=1)
         return tf.greater_equal(reply, next_step)
 
-      completed = tf.cond(claim, announce, lambda: tf.constant(False))
-      if self._trace is None:
+      landed_time = _time_after(claim) if traced else None
+      with tf.control_dependencies([landed_time] if traced else []):
+        completed = tf.cond(claim, announce, lambda: tf.constant(False))
+      if not traced:
         return completed
       return self._record_trace(
           completed, worker_index, token, step_index,
-          [read_time, arrive_time, _time_after(ticket), _time_after(claim)],
-          claim)
+          [read_time, arrive_time, ticket_time, landed_time], claim)
 
   def _record_trace(self, completed, worker_index, token, step, times,
                     claim):

@@ -62,6 +62,9 @@ def phases(rows: Sequence[Sequence[float]], num_workers: int,
       apply_s: mean landing to end of the pushes that completed a step.
       claim_fraction: share of pushes that completed a step.
       gap_s: per worker, mean end of a push to the worker's next read.
+      land_log_sd, apply_log_sd: standard deviations of log(land) and
+        log(apply), over all pushes (claims for apply).
+      gap_log_sd: per worker, standard deviation of log(gap).
   """
   if not 0 <= warmup_fraction < 1:
     raise ValueError(f"Received: warmup_fraction={warmup_fraction!r}, "
@@ -72,22 +75,31 @@ def phases(rows: Sequence[Sequence[float]], num_workers: int,
   worker = t[:, WORKER].astype(np.int64)
   claimed = t[:, CLAIMED] > 0
   arrive = t[:, ARRIVE] - t[:, READ]
+  land = t[:, LANDED] - t[:, TICKET]
+  apply = (t[:, END] - t[:, LANDED])[claimed]
   out = {"pushes": int(len(t)),
          "ticket_wait_s": _mean(t[:, TICKET] - t[:, ARRIVE]),
-         "land_s": _mean(t[:, LANDED] - t[:, TICKET]),
-         "apply_s": _mean((t[:, END] - t[:, LANDED])[claimed]),
+         "land_s": _mean(land), "land_log_sd": _log_sd(land),
+         "apply_s": _mean(apply), "apply_log_sd": _log_sd(apply),
          "claim_fraction": float(claimed.mean()) if len(t) else 0.0,
-         "arrive_s": [], "arrive_log_sd": [], "gap_s": []}
+         "arrive_s": [], "arrive_log_sd": [], "gap_s": [], "gap_log_sd": []}
   for w in range(num_workers):
     mine = t[worker == w]
     out["arrive_s"].append(_mean(arrive[worker == w]))
-    positive = arrive[worker == w]
-    positive = positive[positive > 0]
-    out["arrive_log_sd"].append(float(np.std(np.log(positive)))
-                                if len(positive) > 1 else None)
+    out["arrive_log_sd"].append(_log_sd(arrive[worker == w]))
     # A push's end to the same worker's next read.
-    out["gap_s"].append(_mean(mine[1:, READ] - mine[:-1, END]))
+    gap = mine[1:, READ] - mine[:-1, END]
+    out["gap_s"].append(_mean(gap))
+    out["gap_log_sd"].append(_log_sd(gap))
   return out
+
+
+def _log_sd(values):
+  """Standard deviation of the logs of the positive `values` (None if
+  fewer than two)."""
+  values = np.asarray(values, np.float64)
+  values = values[values > 0]
+  return float(np.std(np.log(values))) if len(values) > 1 else None
 
 
 def _mean(values):

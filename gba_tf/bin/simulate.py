@@ -185,56 +185,66 @@ def sweep():
 
 
 def calibrate(paths):
-  """Fits each cluster shape on its healthy runs; predicts the rest."""
+  """Takes each cluster shape's costs from its healthy runs; predicts the
+  rest.
+
+  A run on GBA's runtime traced with `--trace_pushes` gives every cost of
+  its mode directly (`calibration.traced_costs`): nothing is fitted, and
+  its healthy throughput and staleness are predictions as well. Modes
+  without a trace (sync, plain async) get their unexplained time per step
+  fitted to their healthy throughput, with the compute of the shape's
+  healthy GBA run.
+  """
   measured = []
   for path in paths:
     with open(path) as f:
       measured += [calibration.Measured.from_row(r)
                    for r in json.load(f)["runs"]]
   shapes = sorted({m.num_workers for m in measured})
-  # A shape is a worker count (a sync run has no PS; its PS runs' do).
-  references = {}
-  for workers in shapes:
-    reference = next((m for m in measured if m.num_workers == workers
-                      and m.condition == "healthy" and m.mode == "gba"
-                      and m.worker_seconds), None)
-    if reference is None:
-      raise ValueError(f"Received: no healthy GBA run with per-worker "
-                       f"times for {workers} workers in --calibrate.")
-    references[workers] = reference
-  rpc_s = calibration.LOCAL_COSTS["rpc_s"]
-  first = references[shapes[0]]
-  sigma, share, _ = calibration.fit_shape(
-      first, calibration.healthy_compute_s(first, rpc_s), 200 * shapes[0])
-  print(f"fitted on {shapes[0]} workers, healthy gba: sigma={sigma}, "
-        f"push_share={share}", flush=True)
   out = []
   for workers in shapes:
     runs = [m for m in measured if m.num_workers == workers]
-    reference = references[workers]
-    base_s = calibration.healthy_compute_s(reference, rpc_s)
+    reference = next((m for m in runs if m.condition == "healthy"
+                      and m.mode == "gba" and m.push_phases), None)
+    if reference is None:
+      raise ValueError(f"Received: no healthy GBA run traced with "
+                       f"--trace_pushes for {workers} workers in "
+                       "--calibrate.")
+    gba_costs = calibration.traced_costs(reference)
     steps = 200 * workers
-    overheads = {run.mode: calibration.fit_overhead(
-        run, base_s, steps, sigma, push_share=share)
-                 for run in runs if run.condition == "healthy"}
+    clusters = {}
     for run in runs:
-      cluster = calibration.cluster_for(run, base_s, overheads[run.mode],
-                                        sigma, push_share=share)
-      row = calibration.compare(run, cluster, steps)
-      row.update(fitted_throughput=run.condition == "healthy",
-                 fitted_histogram=run is first, base_s=base_s,
-                 overhead_s=overheads[run.mode], sigma=sigma,
-                 push_share=share)
+      if run.condition != "healthy":
+        continue
+      if run.push_phases:
+        costs = calibration.traced_costs(run)
+        clusters[run.mode] = (costs, "measured",
+                              lambda r, c=costs: calibration.traced_cluster(
+                                  r, c))
+      else:
+        sigma = gba_costs["sigma"]
+        overhead = calibration.fit_overhead(run, gba_costs["base_s"], steps,
+                                            sigma)
+        costs = dict(base_s=gba_costs["base_s"], sigma=sigma,
+                     overhead_s=overhead)
+        clusters[run.mode] = (costs, "fitted",
+                              lambda r, o=overhead, g=sigma:
+                              calibration.cluster_for(
+                                  r, gba_costs["base_s"], o, g))
+    for run in runs:
+      costs, source, make = clusters[run.mode]
+      row = calibration.compare(run, make(run), steps)
+      row.update(costs=costs, costs_from=source,
+                 fitted_throughput=(source == "fitted"
+                                    and run.condition == "healthy"))
       out.append(row)
       print(f"{workers}w+{reference.num_ps}ps {run.condition:9s} "
             f"{run.mode:18s} throughput error "
             f"{row['throughput_error']:+.3f}"
             + (" (fitted)" if row["fitted_throughput"] else "")
             + (f", TV {row['tv_distance']:.3f}" if "tv_distance" in row
-               else "") + (" (fitted)" if row["fitted_histogram"] else ""),
-            flush=True)
-  return {"rows": out, "costs": calibration.LOCAL_COSTS, "sigma": sigma,
-          "push_share": share}
+               else ""), flush=True)
+  return {"rows": out, "costs": calibration.LOCAL_COSTS}
 
 
 def plot(result, stem):

@@ -147,21 +147,27 @@ def traced_costs(run: Measured, rpc_s: float = LOCAL_COSTS["rpc_s"],
   """The simulator's costs as a traced run measured them.
 
   `run.push_phases` (`gba_tf.push_trace`, from `--trace_pushes`) gives the
-  mean of each phase of a push; its healthy workers' medians are taken:
+  mean of each phase of a push; per-worker phases are taken as the median
+  over the run's healthy workers:
 
     arrive (token read to the gradients at the first PS)
         = compute + rpc_s, compute lognormal with median base_s and shape
           sigma (the spread of log(arrive)): base_s = (arrive - rpc_s) /
           exp(sigma^2 / 2), the lognormal's mean over its median;
-    land (ticket to counted landing) = add_s / P + serial_s;
-    apply (a claiming push's landing to its end) = apply_s / P + serial_s;
-    gap (a push's end to the worker's next token read) = rpc_s + overhead_s.
+    land (ticket to counted landing: the adds' round trips to the shard
+          tasks, the scalar section) = land_s + serial_s, a latency;
+    apply (a claiming push's landing to its end), per global step it
+          applies = apply_s / P + serial_s;
+    gap (a push's end to the worker's next token read) = rpc_s + overhead_s;
 
-  The wait for a ticket is not an input: the simulator's ticket window
-  produces it.
+  and the spread (log standard deviation) of gap, land and apply as the
+  simulator's jitter of those costs. The wait for a ticket is not an
+  input: the simulator's ticket window produces it. Nothing here is
+  fitted.
 
   Returns:
-    base_s, sigma, overhead_s, add_s, apply_s (seconds; sigma unitless).
+    base_s, overhead_s, land_s, apply_s (seconds); sigma (of the compute),
+    overhead_sigma, land_sigma, apply_sigma (lognormal shapes).
   """
   p = run.push_phases
   if not p:
@@ -174,20 +180,21 @@ def traced_costs(run: Measured, rpc_s: float = LOCAL_COSTS["rpc_s"],
     return float(np.median(values))
 
   sigma = median("arrive_log_sd")
-  shards = max(run.num_ps, 1)
   m = cluster_for(run, 1.0, 0.0).gba_config(run.mode).num_aggregate
-  # Global steps per claim: (pushes / M) / (pushes * claim_fraction).
+  # Global steps per claim: (pushes / M) / (pushes * claim_fraction); a
+  # claim also applies the steps that completed while it applied.
   steps_per_claim = 1.0 / min(m * p["claim_fraction"], 1.0)
   return {
-      "push_s": p["ticket_wait_s"] + p["land_s"],
       "base_s": max(median("arrive_s") - rpc_s, 0.0) / np.exp(sigma ** 2 / 2),
       "sigma": sigma,
       "overhead_s": max(median("gap_s") - rpc_s, 0.0),
-      "add_s": 0.0,
-      # A claim applies the steps that completed meanwhile too: per step,
-      # the claim's time over its steps (global steps over claims).
+      "land_s": max(p["land_s"] - serial_s, 0.0),
       "apply_s": max((p["apply_s"] or 0.0) / steps_per_claim - serial_s,
-                     0.0) * shards,
+                     0.0) * max(run.num_ps, 1),
+      # The spread of each, as measured.
+      "overhead_sigma": median("gap_log_sd"),
+      "land_sigma": p["land_log_sd"] or 0.0,
+      "apply_sigma": p["apply_log_sd"] or 0.0,
   }
 
 
@@ -204,7 +211,8 @@ def traced_cluster(run: Measured, costs: Dict[str, float]
       overhead_s=costs["overhead_s"],
       input_s=run.step_ms / 1000.0, input_slowdown=dict(run.stragglers),
       rpc_s=LOCAL_COSTS["rpc_s"], serial_s=LOCAL_COSTS["serial_s"],
-      push_s=costs["push_s"], add_s=costs["add_s"], apply_s=costs["apply_s"])
+      land_s=costs["land_s"], apply_s=costs["apply_s"],
+      jitter={name: costs[f"{name}_sigma"] for name in engine.JITTERED})
 
 
 def fit_overhead(run: Measured, base_s: float, local_steps: int,

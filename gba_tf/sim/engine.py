@@ -20,8 +20,9 @@ One local step of a PS mode, as the runtime runs it:
 2. its push travels `rpc_s` to the parameter servers;
 3. `gba`: it takes the next ticket (a FIFO; it waits while both open steps'
    tickets are out), adds its weighted gradient on every shard
-   (`add_s / num_ps` of each shard's time, the shards in parallel) and lands
-   in the scalar section on the first PS (`serial_s`); the landing that
+   (`add_s / num_ps` of each shard's time, the shards in parallel; then
+   `land_s` of latency) and lands in the scalar section on the first PS
+   (`serial_s`); the landing that
    completes a step, once the step before is applied, applies it on every
    shard (`apply_s / num_ps` each) and finishes it in the scalar section
    (`serial_s`), chaining steps that completed meanwhile.
@@ -63,6 +64,8 @@ from gba_tf.sim import timing
 
 MODES = ("sync", "async", "gba", "gba_lock", "backup_workers",
          "bounded_staleness", "sync_ps")
+# Costs that `ClusterModel.jitter` can make vary from push to push.
+JITTERED = ("overhead", "land", "apply")
 # PS modes and the GBAConfig preset that gives their rules.
 _PRESET = {"gba": "gba", "gba_lock": "gba", "backup_workers": "backup_workers",
            "bounded_staleness": "bounded_staleness", "sync_ps": "sync_ps"}
@@ -97,6 +100,13 @@ class ClusterModel:
     push_s: from a gradient's computation to its ticket, past `rpc_s`:
       staging the gradient on every shard and its finite check, and the
       parameter-server CPU they wait for.
+    land_s: from a push's ticket to its landing, a latency beside `add_s`:
+      the adds' round trips to the shard tasks and the wait for the scalar
+      section under load (a traced run measures it whole).
+    jitter: lognormal shapes of the costs that vary from push to push:
+      "overhead" (of `overhead_s`), "land" (of `land_s`) and "apply" (of
+      `apply_s`), each a factor with mean 1 (a traced run measures their
+      spread); absent or 0: constant.
     serial_s: one visit to the scalar section on the first PS.
     add_s: adding one local gradient into the buffers, summed over shards.
     apply_s: one optimizer apply of a global step, summed over shards.
@@ -115,6 +125,8 @@ class ClusterModel:
   input_slowdown: Dict[int, float] = dataclasses.field(default_factory=dict)
   rpc_s: float = 0.0
   push_s: float = 0.0
+  land_s: float = 0.0
+  jitter: Dict[str, float] = dataclasses.field(default_factory=dict)
   serial_s: float = 0.0
   add_s: float = 0.0
   apply_s: float = 0.0
@@ -131,12 +143,17 @@ class ClusterModel:
     if not isinstance(self.num_ps, int) or self.num_ps < 1:
       raise ValueError(f"Received: num_ps={self.num_ps!r}, which must be an "
                        "integer >= 1.")
-    for name in ("overhead_s", "input_s", "rpc_s", "push_s", "serial_s",
+    for name in ("overhead_s", "input_s", "rpc_s", "push_s", "land_s",
+                 "serial_s",
                  "add_s", "apply_s", "async_apply_s", "allreduce_s"):
       value = getattr(self, name)
       if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"Received: {name}={value!r}, which must be a "
                          "finite number >= 0.")
+    for name, sigma in self.jitter.items():
+      if name not in JITTERED or not (sigma >= 0 and math.isfinite(sigma)):
+        raise ValueError(f"Received: jitter={self.jitter!r}; keys must be "
+                         f"of {JITTERED} and shapes finite numbers >= 0.")
 
   def input_time(self, worker: int) -> float:
     """Seconds the input pipeline takes for one of `worker`'s batches."""
@@ -306,6 +323,8 @@ class _PSSimulation:
     self.m = config.num_aggregate
     self.tables = schedule.Tables.of(config.policy)
     self.clocks = cluster.compute.clocks(cluster.num_workers, seed)
+    # The jittered costs' own stream: the compute draws stay as they are.
+    self.jitter_rng = np.random.default_rng([seed, cluster.num_workers, 1])
     self.computed = np.zeros(cluster.num_workers)
     self.ready = [cluster.input_time(w) for w in range(cluster.num_workers)]
     self.events = []
@@ -356,11 +375,19 @@ class _PSSimulation:
 
   # -- a worker's step ------------------------------------------------------
 
+  def jittered(self, name, value):
+    """`value` times a lognormal factor of mean 1 (the cost's jitter)."""
+    sigma = self.c.jitter.get(name, 0.0)
+    if not sigma or not value:
+      return value
+    return value * float(self.jitter_rng.lognormal(-sigma * sigma / 2, sigma))
+
   def start(self, t, w):
     if self.started >= self.total:
       return
     self.started += 1
-    self.push_event(t + self.c.overhead_s, _TOKEN, w)
+    self.push_event(t + self.jittered("overhead", self.c.overhead_s), _TOKEN,
+                    w)
 
   def token(self, t, w):
     # The step reads its token as it starts: nothing in the step function
@@ -437,7 +464,8 @@ class _PSSimulation:
       self.tickets.extend(range(*schedule.refill(self.reserved_step, self.m)))
       self.reserved_step += 1
       applies += 1
-    hold += applies * self.c.apply_s
+    hold += sum(self.jittered("apply", self.c.apply_s)
+                for _ in range(applies))
     done = self._serial(t, hold)
     if applies:
       self.push_event(done, _FINISHED, w, self.reserved_step, True)
@@ -449,7 +477,9 @@ class _PSSimulation:
     step = int(schedule.step_of(ticket, self.m))
     accepted = self._decide(w, step)
     if accepted:
-      self.push_event(self._shards(t, self.c.add_s), _LAND, w, step, True)
+      self.push_event(self._shards(t, self.c.add_s)
+                      + self.jittered("land", self.c.land_s), _LAND, w, step,
+                      True)
     else:
       self.tickets.append(ticket)
       self.push_event(t, _LAND, w, step, False)
@@ -466,8 +496,8 @@ class _PSSimulation:
     if not self.busy and schedule.complete(self.landed[self.next_step],
                                            self.m):
       self.busy = True
-      self.push_event(self._shards(t, self.c.apply_s), _APPLIED, w,
-                      self.next_step)
+      self.push_event(self._shards(t, self.jittered("apply", self.c.apply_s)),
+                      _APPLIED, w, self.next_step)
     else:
       self.reply(t, w)
 
@@ -485,8 +515,8 @@ class _PSSimulation:
     self.tickets.extend(range(*schedule.refill(step, self.m)))
     self._serve_waiting(t)
     if schedule.complete(self.landed[self.next_step], self.m):
-      self.push_event(self._shards(t, self.c.apply_s), _APPLIED, w,
-                      self.next_step)
+      self.push_event(self._shards(t, self.jittered("apply", self.c.apply_s)),
+                      _APPLIED, w, self.next_step)
     else:
       self.busy = False
       self.reply(t, w)
