@@ -219,6 +219,78 @@ class CalibrationTest(tf.test.TestCase):
                         [0.05, 0.2])
 
 
+  def _traced(self, mode, **phases):
+    base = dict(
+        pushes=100, ticket_wait_s=0.001, land_s=0.010152,
+        land_log_sd=0.7, apply_s=0.020152, apply_log_sd=0.6,
+        claim_fraction=0.5,
+        # Worker 1 is the straggler: its phases are left out.
+        arrive_s=[0.0305, 0.5], arrive_log_sd=[0.0, 2.0],
+        gap_s=[0.0405, 0.9], gap_log_sd=[0.3, 2.0])
+    base.update(phases)
+    return calibration.Measured(
+        condition="healthy", mode=mode, num_workers=2, num_ps=2,
+        local_batch_size=8, global_batch_size=16, step_ms=50.0,
+        stragglers={1: 4.0}, samples_per_s=1.0, staleness_histogram=None,
+        worker_seconds=None, push_phases=base)
+
+  def test_traced_costs_by_hand(self):
+    # rpc 0.5 ms, scalar section 152 us (LOCAL_COSTS), 2 PS, M = 16 / 8 = 2.
+    # sigma 0: base = arrive - rpc = 30 ms; overhead = gap - rpc = 40 ms;
+    # land = 10.152 - 0.152 = 10 ms. A claim per 2 pushes is one claim per
+    # step (M * 0.5 = 1): apply = (20.152 - 0.152) ms x 2 PS = 40 ms.
+    costs = calibration.traced_costs(self._traced("gba"))
+    self.assertAllClose(
+        [costs[k] for k in ("base_s", "overhead_s", "land_s", "apply_s",
+                            "sigma", "overhead_sigma", "land_sigma",
+                            "apply_sigma")],
+        [0.030, 0.040, 0.010, 0.040, 0.0, 0.3, 0.7, 0.6])
+    # Bounded staleness applies every push (M = 1); claims by half of them
+    # cover 2 steps each: per step (20.152 / 2 - 0.152) ms x 2 = 19.848 ms.
+    costs = calibration.traced_costs(self._traced("bounded_staleness"))
+    self.assertAllClose(costs["apply_s"], 0.019848)
+    # A lognormal compute of shape 0.5 and mean arrive - rpc = 30 ms has
+    # median 30 ms / exp(0.125).
+    costs = calibration.traced_costs(self._traced(
+        "gba", arrive_log_sd=[0.5, 2.0]))
+    self.assertAllClose(costs["base_s"], 0.030 / np.exp(0.125))
+    cluster = calibration.traced_cluster(self._traced("gba"), costs)
+    self.assertEqual(cluster.jitter,
+                     {"overhead": 0.3, "land": 0.7, "apply": 0.6})
+
+  def test_a_run_without_a_trace_is_one_line(self):
+    run = calibration.Measured(**dict(vars(self._traced("gba")),
+                                      push_phases=None))
+    with self.assertRaisesRegex(ValueError, r"Received: .*--trace_pushes"):
+      calibration.traced_costs(run)
+
+
+class JitterTest(tf.test.TestCase):
+
+  def test_jitter_keeps_the_mean_and_spreads_the_cost(self):
+    # One worker, M = 1: each local step is overhead 50 ms + compute 10 ms +
+    # landing 20 ms (+ an apply of 0): 80 ms. Jitter of mean 1 on the
+    # overhead and the landing keeps the mean step (12.5 steps/s) and makes
+    # the steps unequal.
+    compute = timing.ComputeModel(0.01)
+    constant = engine.ClusterModel(
+        num_workers=1, compute=compute, num_ps=1, local_batch_size=1,
+        overhead_s=0.05, land_s=0.02)
+    jittered = engine.ClusterModel(**dict(
+        vars(constant), jitter={"overhead": 0.5, "land": 0.5}))
+    steady = engine.simulate("bounded_staleness", constant, 4000)
+    noisy = engine.simulate("bounded_staleness", jittered, 4000)
+    self.assertAllClose(steady.local_steps_per_s, 12.5)
+    self.assertAllClose(noisy.local_steps_per_s, 12.5, rtol=0.03)
+    self.assertAllClose(np.std(np.diff(steady.time)), 0.0, atol=1e-9)
+    self.assertGreater(np.std(np.diff(noisy.time)), 0.01)
+
+  def test_bad_jitter_is_one_line(self):
+    with self.assertRaisesRegex(ValueError, r"Received: jitter=.*'push'"):
+      engine.ClusterModel(num_workers=1, compute=timing.ComputeModel(0.01),
+                          jitter={"push": 0.5})
+
+
 class InputPipelineTest(tf.test.TestCase):
 
   def test_a_slow_input_pipeline_sets_the_pace_one_batch_ahead(self):
@@ -274,6 +346,60 @@ class SimulateBinaryTest(tf.test.TestCase):
       self.assertGreater(rows[(n, "async")]["staleness_p50"], 0)
       self.assertIn("test_auc", rows[(n, "gba")])
     self.assertTrue(os.path.getsize(os.path.join(out, "simulation.png")))
+
+  def _calibration_file(self, trace_healthy_gba=True):
+    """A gba-benchmark JSON of 4 runs: GBA and plain async, healthy and
+    with worker 1 at 1/4 speed, 2 workers + 1 PS; the GBA runs traced."""
+    phases = dict(pushes=100, ticket_wait_s=0.0005, land_s=0.010,
+                  land_log_sd=0.5, apply_s=0.010, apply_log_sd=0.5,
+                  claim_fraction=0.5, arrive_s=[0.03, 0.03],
+                  arrive_log_sd=[0.3, 0.3], gap_s=[0.02, 0.02],
+                  gap_log_sd=[0.3, 0.3])
+    runs = []
+    for condition, straggler in (("healthy", ""), ("straggler", "1:4")):
+      for mode in ("gba", "async"):
+        traced = mode == "gba" and (trace_healthy_gba
+                                    or condition == "straggler")
+        runs.append({
+            "condition": condition, "mode": mode,
+            "args": [f"--straggler={straggler}"],
+            "config": {"num_workers": 2, "num_ps": 1, "step_ms": 50.0,
+                       "global_batch_size": 16,
+                       "gba": {"local_batch_size": 8}},
+            "samples_per_s": 100.0,
+            "staleness_histogram": [5, 5] if mode == "gba" else None,
+            "worker_mean_step_seconds": None,
+            "push_phases": phases if traced else None})
+    path = os.path.join(self.get_temp_dir(), "calib.json")
+    with open(path, "w") as f:
+      json.dump({"runs": runs}, f)
+    return path
+
+  def test_calibrate_takes_traced_costs_and_fits_only_the_untraced(self):
+    from gba_tf.bin import simulate  # pylint: disable=g-import-not-at-top
+    rows = {(r["condition"], r["mode"]): r
+            for r in simulate.calibrate([self._calibration_file()])["rows"]}
+    self.assertLen(rows, 4)
+    # GBA's costs are its trace's (gap 20 ms - rpc 0.5 ms), nothing fitted:
+    # its healthy throughput is a prediction, so not 100 samples/s exactly.
+    gba = rows[("healthy", "gba")]
+    self.assertEqual((gba["costs_from"], gba["fitted_throughput"]),
+                     ("measured", False))
+    self.assertAllClose(gba["costs"]["overhead_s"], 0.0195)
+    self.assertNotAlmostEqual(gba["throughput_error"], 0.0, places=3)
+    self.assertIn("tv_distance", gba)
+    # Plain async has no trace: its healthy throughput is fitted.
+    fitted = rows[("healthy", "async")]
+    self.assertEqual((fitted["costs_from"], fitted["fitted_throughput"]),
+                     ("fitted", True))
+    self.assertAllClose(fitted["throughput_error"], 0.0, atol=0.01)
+    self.assertFalse(rows[("straggler", "async")]["fitted_throughput"])
+
+  def test_calibrate_needs_a_traced_healthy_gba_run(self):
+    from gba_tf.bin import simulate  # pylint: disable=g-import-not-at-top
+    with self.assertRaisesRegex(ValueError, "Received: no healthy GBA run "
+                                "traced with --trace_pushes for 2 workers"):
+      simulate.calibrate([self._calibration_file(trace_healthy_gba=False)])
 
   def test_bad_flag_is_one_line(self):
     proc = subprocess.run(

@@ -1,33 +1,31 @@
-"""Fits the simulator to measured local runs, and says how close it gets.
+"""Calibrates the simulator on measured local runs, and says how close it
+gets.
 
 A measured run is a row of `gba-benchmark`'s JSON: its mode, cluster,
 emulated compute (`--step_ms`, `--straggler`), samples/s, and for the modes
-that run on GBA's runtime the PS counters' staleness histogram and each
-worker's mean token-to-push seconds.
+that run on GBA's runtime the PS counters' staleness histogram and, with
+`--trace_pushes`, where its pushes' time went (`push_phases`,
+`gba_tf.push_trace`).
 
 What is taken from where (per cluster shape, e.g. 4 workers + 2 PS):
 
 * the benchmark emulates compute with a sleep in each worker's input
-  pipeline (`--step_ms`, one batch ahead, before the token read): that is
-  the simulator's `input_s`, and `--straggler=i:k` multiplies worker i's by
-  k (`input_slowdown`), not fitted;
-* the compute after the token read (forward, backward, the gradient's trip
-  to the PS): the median of the healthy GBA run's per-worker token-to-push
-  seconds, less `rpc_s`;
+  pipeline (`--step_ms`, one batch ahead): that is the simulator's
+  `input_s`, and `--straggler=i:k` multiplies worker i's by k
+  (`input_slowdown`), not fitted;
+* a mode that runs on GBA's runtime (GBA, bounded staleness, ...): every
+  cost from its own healthy run's trace (`traced_costs`): the compute
+  after the token read and its spread, the landing after the ticket, the
+  apply, the time from a push's end to the worker's next token read, and
+  how much the last three vary from push to push. Nothing is fitted: the
+  healthy run's throughput and staleness are predictions too;
+* sync and plain async (no trace): the compute of the shape's healthy GBA
+  run, and the time per step nothing else explains fitted to the healthy
+  run's throughput (`fit_overhead`);
 * the scalar section's hold time (`serial_s`) from the push profile
-  (`scripts/profile_push.py`), the shards' costs from the CPU per local step
-  of `scripts/throughput.py`: fixed inputs, see `LOCAL_COSTS`;
-* the time per step that nothing above accounts for (the coordinator's
-  dispatch, gradients staged on the shards, CPU waits on a 2-core machine
-  running every task): fitted, one value per mode and cluster shape, so
-  that the simulated *healthy* throughput equals the measured one;
-* where that time sits, before the token read (`overhead_s`) or between
-  the gradient and its ticket (`push_s`), and the spread of compute times
-  (`sigma`): fitted once, on the reference run (the smallest cluster's
-  healthy GBA run), to its staleness histogram (`fit_shape`).
+  (`scripts/profile_push.py`): a fixed input, see `LOCAL_COSTS`.
 
-Everything else is a prediction: the straggler runs' throughput, the
-other shapes' and modes' staleness histograms, compared by `compare`
+The straggler runs are predictions for every mode, compared by `compare`
 (relative throughput error, and total-variation distance between
 staleness distributions).
 
@@ -57,13 +55,9 @@ from gba_tf.sim import timing
 #   2 ms per add, per apply and per async apply, summed over shards.
 LOCAL_COSTS = {"rpc_s": 0.0005, "serial_s": 0.000152, "add_s": 0.002,
                "apply_s": 0.002, "async_apply_s": 0.002}
-# Lognormal shape of the per-step compute time. Not measurable from the
-# counters (they keep means): `fit_shape` picks it from these.
-SIGMAS = (0.2, 0.35, 0.5, 0.7)
-# Share of the unexplained time placed after the token read: from these.
-PUSH_SHARES = tuple(i / 10 for i in range(11))
-# As fitted on this machine (docs/results/calibration.json: 4 workers +
-# 2 PS, healthy GBA): the simulator's defaults.
+# Defaults of the untraced modes' model and of the sweep: the compute's
+# lognormal shape, and the share of the unexplained time placed after the
+# token read (as fitted by an earlier calibration, before push traces).
 DEFAULT_SIGMA = 0.5
 DEFAULT_PUSH_SHARE = 0.3
 
@@ -110,13 +104,6 @@ class Measured:
                staleness_histogram=row.get("staleness_histogram"),
                worker_seconds=row.get("worker_mean_step_seconds"),
                push_phases=row.get("push_phases"))
-
-
-def healthy_compute_s(run: Measured, rpc_s: float) -> float:
-  """A healthy worker's compute: median token-to-push seconds, less rpc."""
-  healthy = [s for i, s in enumerate(run.worker_seconds)
-             if i not in run.stragglers]
-  return float(np.median(healthy)) - rpc_s
 
 
 def cluster_for(run: Measured, base_s: float, overhead_s: float,
@@ -253,23 +240,3 @@ def compare(run: Measured, cluster: engine.ClusterModel, local_steps: int,
     out["simulated_histogram"] = simulated.tolist()
     out["tv_distance"] = tv_distance(run.staleness_histogram, simulated)
   return out
-
-
-def fit_shape(reference: Measured, base_s: float, local_steps: int,
-              seed: int = 0):
-  """(sigma, push_share, overhead_s) that best reproduce `reference`.
-
-  For each grid point the overhead is fitted to the throughput; the point
-  whose simulated staleness histogram is closest (total variation) wins.
-  """
-  best = None
-  for sigma in SIGMAS:
-    for share in PUSH_SHARES:
-      overhead = fit_overhead(reference, base_s, local_steps, sigma, seed,
-                              share)
-      cluster = cluster_for(reference, base_s, overhead, sigma,
-                            push_share=share)
-      tv = compare(reference, cluster, local_steps, seed)["tv_distance"]
-      if best is None or tv < best[0]:
-        best = (tv, sigma, share, overhead)
-  return best[1:]
