@@ -210,6 +210,15 @@ class OptimizerStep:
   apply_fn: Callable[[List[Tuple[Any, tf.Variable]]], Any]
 
 
+def _oldest_first(ring, count: int):
+  """The `count` entries written so far into `ring` (each at index
+  `i % len(ring)`), oldest first; the newest `len(ring)` if it wrapped."""
+  if count <= len(ring):
+    return ring[:count]
+  start = count % len(ring)
+  return np.concatenate([ring[start:], ring[:start]])
+
+
 def _time_after(tensor):
   """`tf.timestamp()` once `tensor` is computed (float64 seconds)."""
   with tf.control_dependencies([tensor]):
@@ -344,21 +353,12 @@ class GradientAggregator:
     None if tracing is off."""
     if self._trace is None:
       return None
-    n = int(self._trace_count.numpy())
-    rows = self._trace.numpy()
-    if n <= _TRACE_SIZE:
-      return rows[:n]
-    start = n % _TRACE_SIZE
-    return np.concatenate([rows[start:], rows[:start]])
+    return _oldest_first(self._trace.numpy(), int(self._trace_count.numpy()))
 
   def hold_profile(self):
     """Microseconds each critical section was held, oldest first."""
-    n = int(self._hold_count.numpy())
-    samples = self._hold_micros.numpy()
-    if n <= _HOLD_PROFILE_SIZE:
-      return samples[:n]
-    start = n % _HOLD_PROFILE_SIZE
-    return np.concatenate([samples[start:], samples[:start]])
+    return _oldest_first(self._hold_micros.numpy(),
+                         int(self._hold_count.numpy()))
 
   def _timed(self, body):
     """Runs `body` (inside a critical section), timing it if profiling."""
@@ -431,13 +431,13 @@ class GradientAggregator:
       compute_seconds = arrive_time - read_time
       finite = (tf.reduce_all(tf.stack(checks)) if checks
                 else tf.constant(True))
-      # Each timestamp is waited for by what follows it: TF runs a cheap op
-      # whenever its thread gets to it, and a timestamp that nothing waits
-      # for was seen to run only after the push had landed.
-      with tf.control_dependencies([arrive_time]):
+      # Traced, each timestamp is waited for by what follows it: TF runs a
+      # cheap op whenever its thread gets to it, and a timestamp that
+      # nothing waits for was seen to run only after the push had landed.
+      traced = self._trace is not None
+      with tf.control_dependencies([arrive_time] if traced else []):
         ticket = tf.cond(finite, self._tickets.dequeue,
                          lambda: tf.constant(-1, tf.int64))
-      traced = self._trace is not None
       ticket_time = _time_after(ticket) if traced else None
       # A rejected push has no ticket; its tau (for the histogram) is
       # measured against the global step.

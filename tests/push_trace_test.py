@@ -3,6 +3,7 @@
 import numpy as np
 
 import gba_tf
+from gba_tf import accumulator
 from gba_tf import push_trace
 import tensorflow as tf
 
@@ -54,6 +55,16 @@ class PhasesTest(tf.test.TestCase):
     self.assertEqual(p["pushes"], 4)
     self.assertAllClose(p["apply_s"], 0.04)
     self.assertAllClose(p["gap_s"], [0.03, 0.05])
+
+  def test_the_ring_reads_oldest_first(self):
+    # 6 entries written into a ring of 4, entry i at i % 4: [4, 5, 2, 3].
+    self.assertEqual(
+        accumulator._oldest_first(np.array([4, 5, 2, 3]), 6).tolist(),  # pylint: disable=protected-access
+        [2, 3, 4, 5])
+    # 2 entries, not wrapped: the unwritten rest is left out.
+    self.assertEqual(
+        accumulator._oldest_first(np.array([0, 1, 0, 0]), 2).tolist(),  # pylint: disable=protected-access
+        [0, 1])
 
   def test_bad_warmup(self):
     with self.assertRaisesRegex(ValueError, r"Received: warmup_fraction=1"):
