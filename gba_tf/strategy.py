@@ -14,7 +14,6 @@ from gba_tf import accumulator as accumulator_lib
 from gba_tf import compat
 from gba_tf import config as config_lib
 from gba_tf import counters as counters_lib
-from gba_tf import push_trace
 from gba_tf import tokens as tokens_lib
 
 # Device of the GBA state (global step, counters, lock): the first PS task.
@@ -196,18 +195,11 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
     """Runtime counters as Python numbers (see `gba_tf.counters`).
 
     Also `accumulator_bytes`: the size of the gradient accumulation buffers
-    on the parameter servers (fixed once every variable has a gradient);
-    and, where `extended.aggregator.enable_push_trace()` was called,
-    `push_phases`: where the pushes' time went (`gba_tf.push_trace`).
+    on the parameter servers (fixed once every variable has a gradient).
     """
-    aggregator = self.extended.aggregator
-    landed, _, _, _ = aggregator.progress()
+    landed, _, _, _ = self.extended.aggregator.progress()
     metrics = self.extended.counters.as_dict(pending=sum(landed))
-    metrics["accumulator_bytes"] = aggregator.buffer_bytes
-    trace = aggregator.push_trace()
-    if trace is not None:
-      metrics["push_phases"] = push_trace.phases(
-          trace, self.extended.counters.num_workers)
+    metrics["accumulator_bytes"] = self.extended.aggregator.buffer_bytes
     return metrics
 
 

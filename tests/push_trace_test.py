@@ -118,7 +118,7 @@ class PushTraceClusterTest(tf.test.TestCase):
     claims = int(rows[:, push_trace.CLAIMED].sum())
     self.assertBetween(claims, 1, m["global_steps"])
     # The phases, with 10% start-up left out.
-    phases = m["push_phases"]
+    phases = push_trace.phases(rows, num_workers=2)
     self.assertEqual(phases["pushes"], m["pushed"] - m["pushed"] // 10)
     self.assertTrue(all(s > 0 for s in phases["arrive_s"]), phases)
     self.assertGreater(phases["apply_s"], 0)

@@ -196,8 +196,7 @@ class CalibrationTest(tf.test.TestCase):
     run = calibration.Measured(
         condition="healthy", mode="gba", num_workers=4, num_ps=2,
         local_batch_size=256, global_batch_size=1024, step_ms=50.0,
-        stragglers={}, samples_per_s=0.0, staleness_histogram=None,
-        worker_seconds=[0.06] * 4)
+        stragglers={}, samples_per_s=0.0, staleness_histogram=None)
     truth = engine.simulate("gba", calibration.cluster_for(run, 0.06, 0.02),
                             800)
     run = calibration.Measured(**dict(
@@ -211,8 +210,7 @@ class CalibrationTest(tf.test.TestCase):
     run = calibration.Measured(
         condition="straggler", mode="gba", num_workers=2, num_ps=1,
         local_batch_size=8, global_batch_size=16, step_ms=50.0,
-        stragglers={1: 4.0}, samples_per_s=1.0, staleness_histogram=None,
-        worker_seconds=None)
+        stragglers={1: 4.0}, samples_per_s=1.0, staleness_histogram=None)
     cluster = calibration.cluster_for(run, 0.03, 0.0)
     self.assertEqual(cluster.compute.fixed, {})
     self.assertAllClose([cluster.input_time(0), cluster.input_time(1)],
@@ -232,7 +230,7 @@ class CalibrationTest(tf.test.TestCase):
         condition="healthy", mode=mode, num_workers=2, num_ps=2,
         local_batch_size=8, global_batch_size=16, step_ms=50.0,
         stragglers={1: 4.0}, samples_per_s=1.0, staleness_histogram=None,
-        worker_seconds=None, push_phases=base)
+        push_phases=base)
 
   def test_traced_costs_by_hand(self):
     # rpc 0.5 ms, scalar section 152 us (LOCAL_COSTS), 2 PS, M = 16 / 8 = 2.

@@ -212,29 +212,25 @@ def calibrate(paths):
                        "--calibrate.")
     gba_costs = calibration.traced_costs(reference)
     steps = 200 * workers
-    clusters = {}
+    costs = {}  # mode -> (costs, "measured" or "fitted")
     for run in runs:
       if run.condition != "healthy":
         continue
       if run.push_phases:
-        costs = calibration.traced_costs(run)
-        clusters[run.mode] = (costs, "measured",
-                              lambda r, c=costs: calibration.traced_cluster(
-                                  r, c))
+        costs[run.mode] = (calibration.traced_costs(run), "measured")
       else:
-        sigma = gba_costs["sigma"]
-        overhead = calibration.fit_overhead(run, gba_costs["base_s"], steps,
-                                            sigma)
-        costs = dict(base_s=gba_costs["base_s"], sigma=sigma,
-                     overhead_s=overhead)
-        clusters[run.mode] = (costs, "fitted",
-                              lambda r, o=overhead, g=sigma:
-                              calibration.cluster_for(
-                                  r, gba_costs["base_s"], o, g))
+        base_s, sigma = gba_costs["base_s"], gba_costs["sigma"]
+        costs[run.mode] = (dict(base_s=base_s, sigma=sigma,
+                                overhead_s=calibration.fit_overhead(
+                                    run, base_s, steps, sigma)), "fitted")
     for run in runs:
-      costs, source, make = clusters[run.mode]
-      row = calibration.compare(run, make(run), steps)
-      row.update(costs=costs, costs_from=source,
+      mode_costs, source = costs[run.mode]
+      cluster = (calibration.traced_cluster(run, mode_costs)
+                 if source == "measured" else calibration.cluster_for(
+                     run, mode_costs["base_s"], mode_costs["overhead_s"],
+                     mode_costs["sigma"]))
+      row = calibration.compare(run, cluster, steps)
+      row.update(costs=mode_costs, costs_from=source,
                  fitted_throughput=(source == "fitted"
                                     and run.condition == "healthy"))
       out.append(row)

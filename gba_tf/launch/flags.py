@@ -153,8 +153,9 @@ def define_flags() -> None:
   flags.DEFINE_bool(
       "trace_pushes", False,
       "Record every GBA push's timestamps on the first PS and report where "
-      "their time went (gba_metrics()['push_phases']; the simulator's "
-      "calibration reads it). Costs a few ops per push.")
+      "their time went (push_phases in the phase's record, raw rows in "
+      "push_trace-<mode>.npy; the simulator's calibration reads them). "
+      "Costs a few ops per push.")
   # Health monitor and switching.
   flags.DEFINE_integer("health_check_steps", 5,
                        "Optimizer steps between two health checks.")

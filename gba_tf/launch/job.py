@@ -35,6 +35,7 @@ from gba_tf import checkpoints
 from gba_tf import compat
 from gba_tf import export as export_lib
 from gba_tf import models
+from gba_tf import push_trace
 from gba_tf import strategy as strategy_lib
 from gba_tf import switching
 from gba_tf.data import shared_epoch
@@ -345,8 +346,11 @@ class Job:
                               else 0.0}
     if gba is not None:
       phase["gba"] = gba
+      # Read once, at the end of the phase: the trace is a large variable
+      # on ps:0, and gba_metrics() also serves the periodic health checks.
       trace = strategy.extended.aggregator.push_trace()
       if trace is not None:
+        gba["push_phases"] = push_trace.phases(trace, c.num_workers)
         # The raw rows (gba_tf.push_trace.COLUMNS), for a closer look than
         # the phases' means.
         np.save(os.path.join(c.model_dir, f"push_trace-{c.mode}.npy"), trace)

@@ -84,7 +84,6 @@ class Measured:
   stragglers: Dict[int, float]
   samples_per_s: float
   staleness_histogram: Optional[List[int]]
-  worker_seconds: Optional[List[float]]
   push_phases: Optional[Dict[str, object]] = None
 
   @classmethod
@@ -102,7 +101,6 @@ class Measured:
                stragglers=stragglers_lib.parse(straggler),
                samples_per_s=row["samples_per_s"],
                staleness_histogram=row.get("staleness_histogram"),
-               worker_seconds=row.get("worker_mean_step_seconds"),
                push_phases=row.get("push_phases"))
 
 
