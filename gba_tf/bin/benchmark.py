@@ -29,6 +29,7 @@ emulated speeds, sum_i local_batch / (step_ms * slowdown_i): what a
 perfectly asynchronous system would reach.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -304,6 +305,15 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
   result = _read(os.path.join(model_dir, "result.json"))
   phase = _read(os.path.join(model_dir, "phases.jsonl"))[-1]
   config = _read(os.path.join(model_dir, f"config-{phase['mode']}.json"))
+  # A traced run's raw push trace is kept beside its log, for analysis
+  # beyond the row's `push_phases` (`gba_tf.push_trace.read`).
+  traces = glob.glob(os.path.join(model_dir, "push_trace-*.npy"))
+  trace_path = None
+  if len(traces) == 1:
+    trace = traces[0]
+    trace_path = os.path.join(
+        log_dir, f"{tag}{condition}-{mode}-r{repeat}-push_trace.npy")
+    shutil.copyfile(trace, trace_path)
   # Everything the row needs is read; the checkpoints are not (a failed
   # run keeps its directory for the post-mortem).
   shutil.rmtree(model_dir, ignore_errors=True)
@@ -328,6 +338,7 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
       # Where the pushes' time went (with --trace_pushes): the calibration's
       # measured phases.
       "push_phases": gba.get("push_phases") if gba else None,
+      "push_trace": trace_path,
       "gba_counters": {k: v for k, v in gba.items()
                        if not isinstance(v, (list, dict))} if gba else None,
       "args": train_args, "config": config, "log": log_path,
