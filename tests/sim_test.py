@@ -1,5 +1,7 @@
 """The simulator against schedules derived by hand, and its shared rules."""
 
+import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -345,29 +347,30 @@ class SimulateBinaryTest(tf.test.TestCase):
       self.assertIn("test_auc", rows[(n, "gba")])
     self.assertTrue(os.path.getsize(os.path.join(out, "simulation.png")))
 
-  def _calibration_file(self, trace_healthy_gba=True):
-    """A gba-benchmark JSON of 4 runs: GBA and plain async, healthy and
-    with worker 1 at 1/4 speed, 2 workers + 1 PS; the GBA runs traced."""
+  def _calibration_file(self, trace_healthy_gba=True, speeds=(100.0,)):
+    """A gba-benchmark JSON of 4 cases: GBA and plain async, healthy and
+    with worker 1 at 1/4 speed, 2 workers + 1 PS; the GBA runs traced.
+    One run per case and entry of `speeds` (samples/s), repeat-major."""
     phases = dict(pushes=100, ticket_wait_s=0.0005, land_s=0.010,
                   land_log_sd=0.5, apply_s=0.010, apply_log_sd=0.5,
                   claim_fraction=0.5, arrive_s=[0.03, 0.03],
                   arrive_log_sd=[0.3, 0.3], gap_s=[0.02, 0.02],
                   gap_log_sd=[0.3, 0.3])
     runs = []
-    for condition, straggler in (("healthy", ""), ("straggler", "1:4")):
-      for mode in ("gba", "async"):
-        traced = mode == "gba" and (trace_healthy_gba
-                                    or condition == "straggler")
-        runs.append({
-            "condition": condition, "mode": mode,
-            "args": [f"--straggler={straggler}"],
-            "config": {"num_workers": 2, "num_ps": 1, "step_ms": 50.0,
-                       "global_batch_size": 16,
-                       "gba": {"local_batch_size": 8}},
-            "samples_per_s": 100.0,
-            "staleness_histogram": [5, 5] if mode == "gba" else None,
-            "worker_mean_step_seconds": None,
-            "push_phases": phases if traced else None})
+    for speed, (condition, straggler), mode in itertools.product(
+        speeds, (("healthy", ""), ("straggler", "1:4")), ("gba", "async")):
+      traced = mode == "gba" and (trace_healthy_gba
+                                  or condition == "straggler")
+      runs.append({
+          "condition": condition, "mode": mode,
+          "args": [f"--straggler={straggler}"],
+          "config": {"num_workers": 2, "num_ps": 1, "step_ms": 50.0,
+                     "global_batch_size": 16,
+                     "gba": {"local_batch_size": 8}},
+          "samples_per_s": speed,
+          "staleness_histogram": [5, 5] if mode == "gba" else None,
+          "worker_mean_step_seconds": None,
+          "push_phases": phases if traced else None})
     path = os.path.join(self.get_temp_dir(), "calib.json")
     with open(path, "w") as f:
       json.dump({"runs": runs}, f)
@@ -392,6 +395,35 @@ class SimulateBinaryTest(tf.test.TestCase):
                      ("fitted", True))
     self.assertAllClose(fitted["throughput_error"], 0.0, atol=0.01)
     self.assertFalse(rows[("straggler", "async")]["fitted_throughput"])
+
+  def test_calibrate_pools_repeats(self):
+    from gba_tf.bin import simulate  # pylint: disable=g-import-not-at-top
+    # Three repeats at 100, 55 and 40 samples/s: the median, 55, is the
+    # measurement (not the mean, 65, nor the first or the last run).
+    path = self._calibration_file(speeds=(100.0, 55.0, 40.0))
+    rows = {(r["condition"], r["mode"]): r
+            for r in simulate.calibrate([path])["rows"]}
+    self.assertLen(rows, 4)
+    gba = rows[("healthy", "gba")]
+    self.assertEqual(gba["repeats"], 3)
+    # 8 samples per local step: 55 / 8.
+    self.assertAllClose(gba["measured_local_steps_per_s"], 55.0 / 8)
+    self.assertAllClose(gba["measured_runs_local_steps_per_s"],
+                        [12.5, 6.875, 5.0])
+    # The histograms [5, 5] of the three repeats, summed.
+    self.assertEqual(gba["measured_histogram"], [15, 15])
+    # Plain async is fitted to the median throughput.
+    self.assertAllClose(rows[("healthy", "async")]["throughput_error"], 0.0,
+                        atol=0.01)
+    self.assertAllClose(rows[("healthy", "async")][
+        "measured_local_steps_per_s"], 55.0 / 8)
+
+  def test_pool_refuses_different_cases(self):
+    run = calibration.Measured("healthy", "gba", 2, 1, 8, 16, 50.0, {},
+                               100.0, [5, 5])
+    with self.assertRaisesRegex(ValueError, "Received: runs of different "
+                                "cases to pool"):
+      calibration.pool([run, dataclasses.replace(run, mode="async")])
 
   def test_calibrate_needs_a_traced_healthy_gba_run(self):
     from gba_tf.bin import simulate  # pylint: disable=g-import-not-at-top

@@ -193,38 +193,53 @@ def calibrate(paths):
   its healthy throughput and staleness are predictions as well. Modes
   without a trace (sync, plain async) get their unexplained time per step
   fitted to their healthy throughput, with the compute of the shape's
-  healthy GBA run.
+  healthy GBA run. Repeats of a case (`gba-benchmark --repeats`) are
+  pooled: median throughput, summed histograms, each cost the median of
+  the repeats' own.
   """
   measured = []
   for path in paths:
     with open(path) as f:
       measured += [calibration.Measured.from_row(r)
                    for r in json.load(f)["runs"]]
+  cases = {}  # (workers, condition, mode) -> repeats, in file order
+  for m in measured:
+    cases.setdefault((m.num_workers, m.condition, m.mode), []).append(m)
   shapes = sorted({m.num_workers for m in measured})
   out = []
   for workers in shapes:
-    runs = [m for m in measured if m.num_workers == workers]
-    reference = next((m for m in runs if m.condition == "healthy"
-                      and m.mode == "gba" and m.push_phases), None)
-    if reference is None:
+    references = [m for m in cases.get((workers, "healthy", "gba"), [])
+                  if m.push_phases]
+    if not references:
       raise ValueError(f"Received: no healthy GBA run traced with "
                        f"--trace_pushes for {workers} workers in "
                        "--calibrate.")
-    gba_costs = calibration.traced_costs(reference)
+    gba_costs = calibration.median_costs(
+        [calibration.traced_costs(r) for r in references])
     steps = 200 * workers
+    shape = {(c, mode): runs for (w, c, mode), runs in cases.items()
+             if w == workers}
     costs = {}  # mode -> (costs, "measured" or "fitted")
-    for run in runs:
-      if run.condition != "healthy":
+    for (condition, mode), runs in shape.items():
+      if condition != "healthy":
         continue
-      if run.push_phases:
-        costs[run.mode] = (calibration.traced_costs(run), "measured")
+      traced = [r for r in runs if r.push_phases]
+      if traced:
+        costs[mode] = (calibration.median_costs(
+            [calibration.traced_costs(r) for r in traced]), "measured")
       else:
         base_s, sigma = gba_costs["base_s"], gba_costs["sigma"]
-        costs[run.mode] = (dict(base_s=base_s, sigma=sigma,
-                                overhead_s=calibration.fit_overhead(
-                                    run, base_s, steps, sigma)), "fitted")
-    for run in runs:
-      mode_costs, source = costs[run.mode]
+        costs[mode] = (dict(base_s=base_s, sigma=sigma,
+                            overhead_s=calibration.fit_overhead(
+                                calibration.pool(runs), base_s, steps,
+                                sigma)), "fitted")
+    for (condition, mode), runs in shape.items():
+      if mode not in costs:
+        raise ValueError(f"Received: {condition} {mode} runs for {workers} "
+                         "workers but no healthy run of that mode to "
+                         "calibrate it.")
+      run = calibration.pool(runs)
+      mode_costs, source = costs[mode]
       cluster = (calibration.traced_cluster(run, mode_costs)
                  if source == "measured" else calibration.cluster_for(
                      run, mode_costs["base_s"], mode_costs["overhead_s"],
@@ -232,14 +247,17 @@ def calibrate(paths):
       row = calibration.compare(run, cluster, steps)
       row.update(costs=mode_costs, costs_from=source,
                  fitted_throughput=(source == "fitted"
-                                    and run.condition == "healthy"))
+                                    and condition == "healthy"),
+                 repeats=len(runs),
+                 measured_runs_local_steps_per_s=[
+                     r.samples_per_s / r.local_batch_size for r in runs])
       out.append(row)
-      print(f"{workers}w+{reference.num_ps}ps {run.condition:9s} "
-            f"{run.mode:18s} throughput error "
+      print(f"{workers}w+{references[0].num_ps}ps {condition:9s} "
+            f"{mode:18s} throughput error "
             f"{row['throughput_error']:+.3f}"
             + (" (fitted)" if row["fitted_throughput"] else "")
             + (f", TV {row['tv_distance']:.3f}" if "tv_distance" in row
-               else ""), flush=True)
+               else "") + f" ({len(runs)} runs)", flush=True)
   return {"rows": out, "costs": calibration.LOCAL_COSTS}
 
 

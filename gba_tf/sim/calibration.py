@@ -104,6 +104,45 @@ class Measured:
                push_phases=row.get("push_phases"))
 
 
+def pool(runs: Sequence[Measured]) -> Measured:
+  """One measured case from its repeats (`gba-benchmark --repeats`).
+
+  Throughput is the median over repeats (this machine is shared and noisy:
+  the README reports medians); staleness histograms are summed (every
+  repeat's pushes count alike); push phases are not pooled here (each
+  repeat's costs are taken from its own trace, then `median_costs`).
+
+  Example:
+
+  >>> a = Measured("healthy", "gba", 2, 1, 8, 16, 50.0, {}, 10.0, [3, 1])
+  >>> pooled = pool([a, dataclasses.replace(a, samples_per_s=30.0),
+  ...                dataclasses.replace(a, samples_per_s=12.0)])
+  >>> pooled.samples_per_s, pooled.staleness_histogram
+  (12.0, [9, 3])
+  """
+  first = runs[0]
+  case = lambda r: (r.condition, r.mode, r.num_workers, r.num_ps,
+                    r.step_ms, r.stragglers)
+  if any(case(r) != case(first) for r in runs):
+    raise ValueError(f"Received: runs of different cases to pool: "
+                     f"{sorted({str(case(r)) for r in runs})}.")
+  histograms = [r.staleness_histogram for r in runs
+                if r.staleness_histogram]
+  histogram = None
+  if histograms:
+    size = max(len(h) for h in histograms)
+    histogram = np.sum([np.pad(h, (0, size - len(h))) for h in histograms],
+                       axis=0).astype(int).tolist()
+  return dataclasses.replace(
+      first, samples_per_s=float(np.median([r.samples_per_s for r in runs])),
+      staleness_histogram=histogram, push_phases=None)
+
+
+def median_costs(costs: Sequence[Dict[str, float]]) -> Dict[str, float]:
+  """Each cost's median over repeats (`traced_costs` of each)."""
+  return {k: float(np.median([c[k] for c in costs])) for k in costs[0]}
+
+
 def cluster_for(run: Measured, base_s: float, overhead_s: float,
                 sigma: float = DEFAULT_SIGMA,
                 costs: Optional[Dict[str, float]] = None,
