@@ -340,6 +340,7 @@ class GradientAggregator:
     Each push then costs four more timestamps and one scatter on the first
     PS task.
     """
+    self.tokens.time_before_read = True
     with tf.device(self._device):
       self._trace = tf.Variable(
           tf.zeros([_TRACE_SIZE, len(push_trace_lib.COLUMNS)], tf.float64),

@@ -58,6 +58,9 @@ class TokenService:
     with tf.device(device):
       self.global_step = tf.Variable(
           tf.constant(0, tf.int64), trainable=False, name="gba_global_step")
+    # Set by `GradientAggregator.enable_push_trace`: the read time is then
+    # taken before the read (see `issue`).
+    self.time_before_read = False
 
   def issue(self):
     """Reads the token and the time it was read. Call in the replica fn.
@@ -65,6 +68,18 @@ class TokenService:
     Returns:
       `(token, read_time)`: int64 scalar tensor and float64 seconds.
     """
+    if self.time_before_read:
+      # Traced: the time first, then the read. On CPU a timestamp is queued
+      # to the thread pool while a variable read runs inline right after
+      # what it waits for, so a time taken after the read can come tens of
+      # ms after the value was taken, on a busy PS (traces showed reads
+      # stamped after the step their token named had finished). Taken
+      # before, the read follows it at once.
+      with tf.device(self.global_step.device):
+        read_time = tf.timestamp()
+        with tf.control_dependencies([read_time]):
+          token = self.global_step.read_value()
+      return token, read_time
     token = self.global_step.read_value()
     with tf.control_dependencies([token]):
       read_time = tf.timestamp()

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import gba_tf  # pylint: disable=unused-import  (TF_USE_LEGACY_KERAS first)
 from gba_tf import config as config_lib
+from gba_tf import push_trace
 from gba_tf import schedule
 from gba_tf.sim import accuracy
 from gba_tf.sim import calibration
@@ -263,6 +264,47 @@ class CalibrationTest(tf.test.TestCase):
                                       push_phases=None))
     with self.assertRaisesRegex(ValueError, r"Received: .*--trace_pushes"):
       calibration.traced_costs(run)
+
+
+class SimTraceTest(tf.test.TestCase):
+
+  def test_the_trace_has_the_runtimes_landmarks(self):
+    # One worker, M = 1, fixed costs: overhead 50 ms before the token read,
+    # compute 10 ms, landing 20 ms, apply 30 ms (one PS), rpc 0. Each push:
+    # read at t, arrive t + 10 ms, ticket at once, landed t + 30 ms, claims
+    # the apply, ends t + 60 ms; the next read at t + 110 ms.
+    cluster = engine.ClusterModel(
+        num_workers=1, compute=timing.ComputeModel(0.01), num_ps=1,
+        local_batch_size=1, overhead_s=0.05, land_s=0.02, apply_s=0.03)
+    result = engine.simulate("bounded_staleness", cluster, 20)
+    rows = result.trace
+    self.assertEqual(rows.shape, (20, len(push_trace.COLUMNS)))
+    self.assertAllClose(rows[:3, push_trace.READ:push_trace.END + 1],
+                        [[0.05, 0.06, 0.06, 0.08, 0.11],
+                         [0.16, 0.17, 0.17, 0.19, 0.22],
+                         [0.27, 0.28, 0.28, 0.30, 0.33]])
+    # The trace's staleness is the result's; push_trace reads it as it
+    # reads the runtime's.
+    self.assertAllEqual(rows[:, push_trace.STEP] - rows[:, push_trace.TOKEN],
+                        result.tau)
+    p = push_trace.phases(rows, num_workers=1, warmup_fraction=0.0)
+    self.assertAllClose([p["arrive_s"][0], p["land_s"], p["apply_s"],
+                         p["gap_s"][0], p["claim_fraction"]],
+                        [0.01, 0.02, 0.03, 0.05, 1.0])
+
+  def test_an_add_does_not_wait_for_an_apply(self):
+    # Two workers, M = 1, one PS: worker 0 arrives at 10 ms, adds for 4 ms
+    # and lands at 14 ms, then applies step 0 until 114 ms. Worker 1 arrives
+    # at 20 ms with step 1's ticket: its add runs beside the apply (another
+    # buffer parity; the runtime runs both at once) and lands at 24 ms, not
+    # after the apply at 118 ms.
+    cluster = _cluster([0.01, 0.02], num_ps=1, local_batch_size=1,
+                       global_batch_size=1, add_s=0.004, apply_s=0.1)
+    rows = engine.simulate("gba", cluster, 2).trace
+    first = {int(r[push_trace.WORKER]): r for r in rows[::-1]}
+    self.assertAllClose(first[0][push_trace.LANDED], 0.014)
+    self.assertAllClose(first[1][[push_trace.TICKET, push_trace.LANDED]],
+                        [0.02, 0.024])
 
 
 class JitterTest(tf.test.TestCase):

@@ -36,8 +36,15 @@ One local step of a PS mode, as the runtime runs it:
 `sync` (MultiWorkerMirroredStrategy) runs in lock step: each step lasts the
 slowest worker's `overhead_s + compute` plus `allreduce_s`.
 
-Each shard and the scalar section serve one thing at a time, first come
-first served: a parameter server's CPU is the resource that saturates.
+Each shard's adds, each shard's applies and the scalar section serve one
+thing at a time, first come first served: a parameter server's CPU is the
+resource that saturates. A shard's adds do not queue behind its apply: the
+applier applies a completed step's buffer while the next step's adds go
+into the other buffer, and TF runs the two at once.
+
+`SimResult.trace` has the landmarks of every push in the columns the
+runtime's push trace records (`gba_tf.push_trace`), so that a simulated
+run and a traced real one are read, and compared, alike.
 
 Example:
 
@@ -59,6 +66,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from gba_tf import config as config_lib
+from gba_tf import push_trace
 from gba_tf import schedule
 from gba_tf.sim import timing
 
@@ -200,6 +208,10 @@ class SimResult:
   time: np.ndarray
   global_steps: int
   serial_busy_s: float = 0.0
+  # PS modes: one row per finished push in `gba_tf.push_trace.COLUMNS`, the
+  # landmarks the runtime's `--trace_pushes` records (async: ticket and
+  # landing at its apply), so that `push_trace.phases` reads both alike.
+  trace: Optional[np.ndarray] = None
 
   @property
   def local_steps_per_s(self) -> float:
@@ -281,7 +293,7 @@ def _simulate_sync(cluster: ClusterModel, local_steps: int,
 
 
 def _result(mode, cluster, m, ends, computed, pushes, global_steps,
-            serial_busy=0.0, **arrays) -> SimResult:
+            serial_busy=0.0, trace=None, **arrays) -> SimResult:
   ends = np.asarray(ends, np.float64)
   order = np.sort(ends)
   start = order[min(int(len(order) * _WARMUP_FRACTION), len(order) - 1)]
@@ -301,7 +313,7 @@ def _result(mode, cluster, m, ends, computed, pushes, global_steps,
                    seconds=float(order[-1]), local_steps=pushes,
                    steady_local_steps_per_s=rate,
                    ideal_local_steps_per_s=ideal, global_steps=global_steps,
-                   serial_busy_s=serial_busy,
+                   serial_busy_s=serial_busy, trace=trace,
                    **{k: np.asarray(v) for k, v in arrays.items()},
                    time=ends)
 
@@ -333,6 +345,7 @@ class _PSSimulation:
     self.serial_free = 0.0
     self.serial_busy = 0.0
     self.shard_free = 0.0
+    self.add_free = 0.0
     # The runtime's state: the ticket FIFO, landings per open step, the
     # next step to apply and whether an apply is claimed, the global step.
     self.tickets = collections.deque(range(*schedule.initial_tickets(self.m)))
@@ -348,6 +361,8 @@ class _PSSimulation:
     self.records = []  # (worker, token, step, tau, weight, accepted)
     self.ends = []
     self.tokens = {}
+    self.pushing = {}  # worker -> its push's trace row so far
+    self.trace = []
 
   def push_event(self, t, kind, *args):
     heapq.heappush(self.events, (t, kind, self.seq, args))
@@ -367,6 +382,8 @@ class _PSSimulation:
     return _result(
         self.mode, self.c, self.m, self.ends, self.computed, len(self.ends),
         self.global_step, self.serial_busy,
+        trace=np.array(self.trace, np.float64).reshape(
+            -1, len(push_trace.COLUMNS)),
         worker=records[:, 0].astype(np.int64),
         token=records[:, 1].astype(np.int64),
         step=records[:, 2].astype(np.int64),
@@ -394,6 +411,10 @@ class _PSSimulation:
     # orders the read after the input's GetNext, so TF runs the two at once
     # and a worker that waits for its batch computes on an older token.
     self.tokens[w] = self.global_step
+    row = [np.nan] * len(push_trace.COLUMNS)
+    row[push_trace.WORKER], row[push_trace.TOKEN] = w, self.global_step
+    row[push_trace.READ], row[push_trace.CLAIMED] = t, 0
+    self.pushing[w] = row
     begin = max(t, self.ready[w])
     # The batch is taken; the pipeline starts on the next one.
     self.ready[w] = begin + self.c.input_time(w)
@@ -405,6 +426,9 @@ class _PSSimulation:
   def reply(self, t, w):
     """The push of worker w is done at t; its next step starts after the
     reply travels back."""
+    row = self.pushing.pop(w)
+    row[push_trace.END] = t
+    self.trace.append(row)
     self.ends.append(t + self.c.rpc_s)
     self.push_event(t + self.c.rpc_s, _START, w)
 
@@ -419,7 +443,19 @@ class _PSSimulation:
     self.shard_free = start + work_s / self.c.num_ps
     return self.shard_free
 
+  def _adds(self, t, work_s):
+    # The pushes' adds queue behind each other, not behind an apply: the
+    # applier applies a completed step's buffer while the next step's adds
+    # go into the other parity's, and TF runs the two at once.
+    start = max(t, self.add_free)
+    self.add_free = start + work_s / self.c.num_ps
+    return self.add_free
+
+  def _mark(self, w, column, t):
+    self.pushing[w][column] = t
+
   def _decide(self, w, step):
+    self.pushing[w][push_trace.STEP] = step
     token = self.tokens[w]
     tau = int(schedule.staleness(step, token, schedule.NUMPY_OPS))
     weight = float(self.tables.weight(tau, schedule.NUMPY_OPS))
@@ -430,9 +466,12 @@ class _PSSimulation:
   # -- arrival at the parameter servers -------------------------------------
 
   def arrive(self, t, w):
+    self._mark(w, push_trace.ARRIVE, t)
     if self.mode == "async":
       # Plain PSS: the gradient is applied on every shard at once.
       done = self._shards(t, self.c.async_apply_s)
+      self._mark(w, push_trace.TICKET, t)
+      self._mark(w, push_trace.LANDED, done)
       self._decide(w, self.global_step)
       self.global_step += 1
       self.reply(done, w)
@@ -449,6 +488,7 @@ class _PSSimulation:
       take(t, self.waiting.popleft())
 
   def _locked_push(self, t, w):
+    self._mark(w, push_trace.TICKET, t)
     ticket = self.tickets.popleft()
     step = int(schedule.step_of(ticket, self.m))
     accepted = self._decide(w, step)
@@ -467,17 +507,20 @@ class _PSSimulation:
     hold += sum(self.jittered("apply", self.c.apply_s)
                 for _ in range(applies))
     done = self._serial(t, hold)
+    self._mark(w, push_trace.LANDED, done)
     if applies:
+      self._mark(w, push_trace.CLAIMED, 1)
       self.push_event(done, _FINISHED, w, self.reserved_step, True)
     else:
       self.reply(done, w)
 
   def _ticketed(self, t, w):
+    self._mark(w, push_trace.TICKET, t)
     ticket = self.tickets.popleft()
     step = int(schedule.step_of(ticket, self.m))
     accepted = self._decide(w, step)
     if accepted:
-      self.push_event(self._shards(t, self.c.add_s)
+      self.push_event(self._adds(t, self.c.add_s)
                       + self.jittered("land", self.c.land_s), _LAND, w, step,
                       True)
     else:
@@ -491,11 +534,13 @@ class _PSSimulation:
                     accepted)
 
   def landed_done(self, t, w, step, accepted):
+    self._mark(w, push_trace.LANDED, t)
     if accepted:
       self.landed[step] += 1
     if not self.busy and schedule.complete(self.landed[self.next_step],
                                            self.m):
       self.busy = True
+      self._mark(w, push_trace.CLAIMED, 1)
       self.push_event(self._shards(t, self.jittered("apply", self.c.apply_s)),
                       _APPLIED, w, self.next_step)
     else:
