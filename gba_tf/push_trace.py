@@ -5,7 +5,9 @@ worker, the token it read and the global step it joined (its ticket's), and
 the times of its landmarks (each task's `tf.timestamp()`: use it where the
 tasks' clocks agree, as in a local cluster):
 
-    read     the worker read its token (the step began)
+    read     the worker read its token (the step began); timed on the
+             first PS just before the read runs (`tokens.TokenService`:
+             a time taken after it came late on a busy PS)
     arrive   the gradients reached the first PS task
     ticket   the push had its ticket (its place in the global order)
     landed   its landing was counted in the scalar section
