@@ -629,6 +629,12 @@ class GradientAggregator:
     if self._watchdog is not None:
       self._watchdog.stop()
 
+  def stop_threads(self) -> None:
+    """Ends both threads bound to this aggregator's cluster: the stall
+    watchdog and the applier (before the cluster goes away)."""
+    self.stop_watchdog()
+    self.stop_applier()
+
   def progress(self) -> Tuple[Tuple[int, int], int, int, int]:
     """(landed per parity, next step to apply, apply claimed, tickets left).
 
@@ -732,6 +738,14 @@ class GradientAggregator:
       ops.extend(_after_update(var) for _, _, var in part)
     return [op for op in tf.nest.flatten(ops)
             if isinstance(op, (tf.Tensor, tf.Operation))]
+
+
+def stop_all_threads() -> None:
+  """Stops every aggregator's stall watchdog and applier: a thread polling
+  or waiting on a cluster must not outlive it (a test leaving its cluster,
+  a local cluster stopping). Both also stop at exit."""
+  stall_lib.stop_all()
+  applier_lib.stop_all()
 
 
 def _after_update(var):

@@ -44,12 +44,12 @@ _KEEP_ALIVE = []
 def keep_alive(*objects) -> None:
   """Never garbage-collect `objects` (remote handles of a stopped cluster).
 
-  A strategy's stall watchdog is stopped: it would poll the stopped cluster.
+  A strategy's threads (stall watchdog, applier) are stopped: they would
+  poll, or wait on, the stopped cluster.
   """
   for obj in objects:
     if isinstance(obj, gba_tf.GBAStrategy):
-      obj.extended.aggregator.stop_watchdog()
-      obj.extended.aggregator.stop_applier()
+      obj.extended.aggregator.stop_threads()
   _KEEP_ALIVE.append(objects)
 
 
@@ -63,8 +63,7 @@ def collect_before_switching_cluster() -> None:
   connecting elsewhere. GBA stall watchdogs (threads that poll the current
   cluster) are stopped first: one polling across the switch segfaults too.
   """
-  gba_tf.stall.stop_all()
-  gba_tf.applier.stop_all()
+  gba_tf.accumulator.stop_all_threads()
   gc.collect()
 
 

@@ -31,8 +31,7 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from gba_tf import applier
-from gba_tf import stall
+from gba_tf import accumulator
 from gba_tf.launch import tasks
 
 # How long a child task may take to start its server before we give up.
@@ -175,8 +174,7 @@ class LocalCluster:
   def stop(self) -> None:
     # A GBA stall watchdog polling these servers, or an applier waiting on
     # them, would outlive them.
-    stall.stop_all()
-    applier.stop_all()
+    accumulator.stop_all_threads()
     tasks.terminate(self.processes.values())
     for f in self._logs:
       f.close()
