@@ -344,8 +344,8 @@ class _PSSimulation:
     # Shared resources: when each is next free.
     self.serial_free = 0.0
     self.serial_busy = 0.0
-    self.shard_free = 0.0
-    self.add_free = 0.0
+    # The shards' two queues (applies, adds), a time each: see `_shards`.
+    self.shard_free = {"apply": 0.0, "add": 0.0}
     # The runtime's state: the ticket FIFO, landings per open step, the
     # next step to apply and whether an apply is claimed, the global step.
     self.tickets = collections.deque(range(*schedule.initial_tickets(self.m)))
@@ -360,8 +360,8 @@ class _PSSimulation:
     self.started = 0
     self.records = []  # (worker, token, step, tau, weight, accepted)
     self.ends = []
-    self.tokens = {}
-    self.pushing = {}  # worker -> its push's trace row so far
+    # worker -> its push's trace row so far (its token among them)
+    self.pushing = {}
     self.trace = []
 
   def push_event(self, t, kind, *args):
@@ -410,7 +410,6 @@ class _PSSimulation:
     # The step reads its token as it starts: nothing in the step function
     # orders the read after the input's GetNext, so TF runs the two at once
     # and a worker that waits for its batch computes on an older token.
-    self.tokens[w] = self.global_step
     row = [np.nan] * len(push_trace.COLUMNS)
     row[push_trace.WORKER], row[push_trace.TOKEN] = w, self.global_step
     row[push_trace.READ], row[push_trace.CLAIMED] = t, 0
@@ -438,25 +437,23 @@ class _PSSimulation:
     self.serial_busy += hold
     return self.serial_free
 
-  def _shards(self, t, work_s):
-    start = max(t, self.shard_free)
-    self.shard_free = start + work_s / self.c.num_ps
-    return self.shard_free
+  def _shards(self, t, work_s, queue="apply"):
+    """When `work_s` (summed over shards) started at t is done, first come
+    first served in `queue`. The pushes' adds queue behind each other, not
+    behind an apply: the applier applies a completed step's buffer while
+    the next step's adds go into the other parity's, and TF runs the two
+    at once."""
+    start = max(t, self.shard_free[queue])
+    self.shard_free[queue] = start + work_s / self.c.num_ps
+    return self.shard_free[queue]
 
-  def _adds(self, t, work_s):
-    # The pushes' adds queue behind each other, not behind an apply: the
-    # applier applies a completed step's buffer while the next step's adds
-    # go into the other parity's, and TF runs the two at once.
-    start = max(t, self.add_free)
-    self.add_free = start + work_s / self.c.num_ps
-    return self.add_free
-
-  def _mark(self, w, column, t):
-    self.pushing[w][column] = t
+  def _mark(self, w, column, value):
+    """Sets one landmark (or the step) of worker w's push in its row."""
+    self.pushing[w][column] = value
 
   def _decide(self, w, step):
-    self.pushing[w][push_trace.STEP] = step
-    token = self.tokens[w]
+    self._mark(w, push_trace.STEP, step)
+    token = int(self.pushing[w][push_trace.TOKEN])
     tau = int(schedule.staleness(step, token, schedule.NUMPY_OPS))
     weight = float(self.tables.weight(tau, schedule.NUMPY_OPS))
     accepted = bool(self.tables.accepts(tau, schedule.NUMPY_OPS))
@@ -520,7 +517,7 @@ class _PSSimulation:
     step = int(schedule.step_of(ticket, self.m))
     accepted = self._decide(w, step)
     if accepted:
-      self.push_event(self._adds(t, self.c.add_s)
+      self.push_event(self._shards(t, self.c.add_s, "add")
                       + self.jittered("land", self.c.land_s), _LAND, w, step,
                       True)
     else:
