@@ -144,22 +144,7 @@ class RefillOrderTest(tf.test.TestCase):
     config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1)
     strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
                                   config)
-    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
-    with strategy.scope():
-      v = tf.Variable(tf.zeros([4]))
-      optimizer = tf.keras.optimizers.SGD(0.1)
-
-    @tf.function
-    def step():
-      def replica_fn():
-        with tf.GradientTape() as tape:
-          loss = tf.reduce_sum(v * v + v)
-        optimizer.apply_gradients([(tape.gradient(loss, v), v)])
-      strategy.run(replica_fn)
-
-    for _ in range(2):
-      coordinator.schedule(step)
-    coordinator.join()
+    testing_utils.push_twice(strategy)
     self.assertEqual(strategy.gba_metrics()["global_steps"], 1)
     serve = strategy.extended.aggregator._applier._serve  # pylint: disable=protected-access
     graph = serve.get_concrete_function(

@@ -146,22 +146,7 @@ class ReadTimeOrderTest(tf.test.TestCase):
                                   config)
     if traced:
       strategy.extended.aggregator.enable_push_trace()
-    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
-    with strategy.scope():
-      v = tf.Variable(tf.zeros([4]))
-      optimizer = tf.keras.optimizers.SGD(0.1)
-
-    @tf.function
-    def step():
-      def replica_fn():
-        with tf.GradientTape() as tape:
-          loss = tf.reduce_sum(v * v + v)
-        optimizer.apply_gradients([(tape.gradient(loss, v), v)])
-      strategy.run(replica_fn)
-
-    for _ in range(2):
-      coordinator.schedule(step)
-    coordinator.join()
+    step = testing_utils.push_twice(strategy)
     graph = step.get_concrete_function().graph
     handle = next(internal for external, internal in graph.captures
                   if external is strategy.extended.tokens.global_step.handle)

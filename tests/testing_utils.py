@@ -67,6 +67,29 @@ def collect_before_switching_cluster() -> None:
   gc.collect()
 
 
+def push_twice(strategy):
+  """Two local steps of a 4-float model through `strategy` (a coordinator
+  of its own schedules them; with M = 2, one global step). Returns the
+  step `tf.function`, traced: a test reads its graph."""
+  coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+  with strategy.scope():
+    v = tf.Variable(tf.zeros([4]))
+    optimizer = tf.keras.optimizers.SGD(0.1)
+
+  @tf.function
+  def step():
+    def replica_fn():
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(v * v + v)
+      optimizer.apply_gradients([(tape.gradient(loss, v), v)])
+    strategy.run(replica_fn)
+
+  for _ in range(2):
+    coordinator.schedule(step)
+  coordinator.join()
+  return step
+
+
 def layer_weights(model):
   """A Keras model's whole (possibly sharded) weights, layer by layer."""
   return [getattr(layer, name) for layer in model.layers

@@ -305,15 +305,14 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
   result = _read(os.path.join(model_dir, "result.json"))
   phase = _read(os.path.join(model_dir, "phases.jsonl"))[-1]
   config = _read(os.path.join(model_dir, f"config-{phase['mode']}.json"))
-  # A traced run's raw push trace is kept beside its log, for analysis
-  # beyond the row's `push_phases` (`gba_tf.push_trace.read`).
+  # A traced run's raw push trace (rows in `gba_tf.push_trace.COLUMNS`) is
+  # kept beside its log, for analysis beyond the row's `push_phases`.
   traces = glob.glob(os.path.join(model_dir, "push_trace-*.npy"))
   trace_path = None
   if len(traces) == 1:
-    trace = traces[0]
     trace_path = os.path.join(
         log_dir, f"{tag}{condition}-{mode}-r{repeat}-push_trace.npy")
-    shutil.copyfile(trace, trace_path)
+    shutil.copyfile(traces[0], trace_path)
   # Everything the row needs is read; the checkpoints are not (a failed
   # run keeps its directory for the post-mortem).
   shutil.rmtree(model_dir, ignore_errors=True)
