@@ -30,6 +30,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 from gba_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gba_tf.launch import cpu_cost  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.launch import flags as gba_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.launch import job_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.launch import local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -45,6 +46,15 @@ def define_flags():
   flags.DEFINE_integer("repeats", 3, "Runs per mode, interleaved.")
   flags.DEFINE_list("modes", ["pss", "gba"], "Modes to compare.")
   flags.DEFINE_string("out", "results/throughput.json", "JSON output.")
+  flags.DEFINE_list(
+      "sweep_step_ms", [],
+      "CPU per push at equal load: run every mode at each of these emulated "
+      "compute times (ms per local step; 0 = none), interleaved, and compare "
+      "the CPU per local step of the modes at each, and its slope against "
+      "the step rate. Each run times about --sweep_seconds.")
+  flags.DEFINE_float("sweep_seconds", 30.0,
+                     "Target length of one timed run of --sweep_step_ms "
+                     "(its steps: this times the ideal step rate).")
   FLAGS.set_default("workers", 2)
   FLAGS.set_default("ps", 1)
 
@@ -88,7 +98,10 @@ def _cpu_by_role(cluster) -> dict:
   return roles
 
 
-def run_once(mode, cluster, data, ids, labels, config):
+def run_once(mode, cluster, data, ids, labels, config, steps=None,
+             step_ms=None):
+  steps = FLAGS.steps if steps is None else steps
+  step_ms = FLAGS.step_ms if step_ms is None else step_ms
   strategy = _strategy(mode, cluster.resolver(), config, FLAGS.ps)
   with strategy.scope():
     model = models.MODELS[FLAGS.model](data.num_fields, data.vocab_size)
@@ -96,7 +109,7 @@ def run_once(mode, cluster, data, ids, labels, config):
                   tf.keras.losses.BinaryCrossentropy(from_logits=True))
 
   dataset_fn = synthetic.dataset_fn(ids, labels, FLAGS.local_batch_size,
-                                    FLAGS.step_ms,
+                                    step_ms,
                                     gba_flags.parse_straggler(
                                         FLAGS.straggler))
   creator = tf.keras.utils.experimental.DatasetCreator(dataset_fn)
@@ -109,20 +122,21 @@ def run_once(mode, cluster, data, ids, labels, config):
   cpu_before = _cpu_by_role(cluster)
   steal_before, total_before = _machine_jiffies()
   start = time.perf_counter()
-  history = model.fit(creator, epochs=1, steps_per_epoch=FLAGS.steps,
+  history = model.fit(creator, epochs=1, steps_per_epoch=steps,
                       verbose=0)
   seconds = time.perf_counter() - start
   cpu_after = _cpu_by_role(cluster)
   steal_after, total_after = _machine_jiffies()
-  row = {"mode": mode, "local_steps": FLAGS.steps, "seconds": seconds,
-         "local_steps_per_s": FLAGS.steps / seconds,
-         "samples_per_s": FLAGS.steps * FLAGS.local_batch_size / seconds,
+  row = {"mode": mode, "local_steps": steps, "step_ms": step_ms,
+         "seconds": seconds,
+         "local_steps_per_s": steps / seconds,
+         "samples_per_s": steps * FLAGS.local_batch_size / seconds,
          "loss": float(history.history["loss"][-1]),
          "optimizer_steps": int(model.optimizer.iterations.numpy()),
          "host_steal_fraction": ((steal_after - steal_before)
                                  / max(total_after - total_before, 1)),
          "cpu_ms_per_local_step": {
-             role: 1e3 * (cpu_after[role] - cpu_before[role]) / FLAGS.steps
+             role: 1e3 * (cpu_after[role] - cpu_before[role]) / steps
              for role in cpu_before}}
   if mode == "gba":
     m = strategy.gba_metrics()
@@ -132,11 +146,40 @@ def run_once(mode, cluster, data, ids, labels, config):
   return row
 
 
+def sweep(cluster, data, ids, labels, config):
+  """--sweep_step_ms: every mode at each compute time, modes side by side."""
+  rows = []
+  for repeat in range(FLAGS.repeats):
+    for step_ms in [float(x) for x in FLAGS.sweep_step_ms]:
+      # About --sweep_seconds at the ideal rate; --steps without a sleep.
+      steps = (FLAGS.steps if step_ms == 0 else max(
+          100, int(FLAGS.sweep_seconds * FLAGS.workers * 1000.0 / step_ms)))
+      for mode in FLAGS.modes:
+        row = run_once(mode, cluster, data, ids, labels, config, steps,
+                       step_ms)
+        row["repeat"] = repeat
+        rows.append(row)
+        print(f"[{repeat}] step_ms {step_ms:g} {mode:4s} "
+              f"{row['local_steps_per_s']:8.1f} local steps/s  CPU ms per "
+              "local step " + " / ".join(
+                  f"{row['cpu_ms_per_local_step'][r]:.2f}"
+                  for r in cpu_cost.ROLES)
+              + f"  host steal {row['host_steal_fraction']:.1%}", flush=True)
+  return rows
+
+
 def main(argv):
   del argv
   config = job_config.gba_config_from_flags()
   data = synthetic.SyntheticCTR()
   ids, labels = data.sample(65_536)
+  if FLAGS.sweep_step_ms:
+    with local_cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
+      rows = sweep(cluster, data, ids, labels, config)
+    summary = cpu_cost.summarize(rows)
+    print("\n" + "\n".join(cpu_cost.table(summary)))
+    _write(config, summary, rows)
+    tasks.exit_now(0)
   rows = []
   with local_cluster.LocalCluster(FLAGS.workers, FLAGS.ps) as cluster:
     for repeat in range(FLAGS.repeats):
@@ -179,15 +222,19 @@ def main(argv):
     print("GBA / PSS CPU per local step: " + ", ".join(
         f"{role} {ratio:.2f}"
         for role, ratio in summary["gba_over_pss_cpu"].items()))
+  _write(config, summary, rows)
+  tasks.exit_now(0)
+
+
+def _write(config, summary, rows):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump({"flags": {k: FLAGS[k].value for k in (
         "workers", "ps", "model", "local_batch_size", "steps", "warmup_steps",
-        "repeats", "step_ms", "straggler")},
+        "repeats", "step_ms", "straggler", "sweep_step_ms", "sweep_seconds")},
                "global_batch_size": config.global_batch_size, "summary": summary,
                "runs": rows}, f, indent=2)
   print(f"wrote {FLAGS.out}")
-  tasks.exit_now(0)
 
 
 if __name__ == "__main__":
