@@ -70,6 +70,45 @@ class PhasesTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, r"Received: warmup_fraction=1"):
       push_trace.phases(self.ROWS, num_workers=2, warmup_fraction=1)
 
+  # Three loops of 4 local steps, two workers (read, end; worker 0 first):
+  #   loop 0: w0 .00-.05, w1 .01-.06, w0 .07-.12, w1 .08-.13
+  #   loop 1: w0 .23-.28, w1 .24-.29, w0 .31-.36, w1 .32-.37
+  #   loop 2: w0 .57-.62, w1 .58-.63
+  # Gaps within loops: .07-.05 = .08-.06 = .02 (loop 0), .03 (loop 1): .025
+  # per worker. Across a loop's end: w0 .23-.12 = .11, .57-.36 = .21; those
+  # are the loops' pauses, .23-.13 = .10 and .57-.37 = .20 (median .15).
+  LOOPS = [[0, .00, .05], [1, .01, .06], [0, .07, .12], [1, .08, .13],
+           [0, .23, .28], [1, .24, .29], [0, .31, .36], [1, .32, .37],
+           [0, .57, .62], [1, .58, .63]]
+
+  @classmethod
+  def _loop_rows(cls, drop=()):
+    return [[w, 0, 0, read, read, read, read, end, 0]
+            for i, (w, read, end) in enumerate(cls.LOOPS) if i not in drop]
+
+  def test_a_loops_end_is_its_pause_not_a_gap(self):
+    p = push_trace.phases(self._loop_rows(), num_workers=2,
+                          warmup_fraction=0.0, loop_steps=4)
+    self.assertAllClose(p["gap_s"], [0.025, 0.025])
+    self.assertAllClose(p["loop_pause_s"], 0.15)
+    # Without loops, the pauses are gaps: w0 (.02 + .11 + .03 + .21) / 4.
+    p = push_trace.phases(self._loop_rows(), num_workers=2,
+                          warmup_fraction=0.0)
+    self.assertAllClose(p["gap_s"][0], 0.0925)
+    self.assertIsNone(p["loop_pause_s"])
+
+  def test_a_loop_end_one_push_off_its_multiple_is_found(self):
+    # Loop 1 without w1's .32 push: loop 2 begins at the 8th read, not the
+    # 9th; the longest all-idle time (.57 - .36 = .21) marks it.
+    p = push_trace.phases(self._loop_rows(drop=(7,)), num_workers=2,
+                          warmup_fraction=0.0, loop_steps=4)
+    self.assertAllClose(p["loop_pause_s"], (0.10 + 0.21) / 2)
+    self.assertAllClose(p["gap_s"], [0.025, 0.02])
+
+  def test_bad_loop_steps(self):
+    with self.assertRaisesRegex(ValueError, r"Received: loop_steps=-1"):
+      push_trace.phases(self.ROWS, num_workers=2, loop_steps=-1)
+
 
 def _dataset_fn(input_context):
   del input_context

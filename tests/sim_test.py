@@ -259,6 +259,26 @@ class CalibrationTest(tf.test.TestCase):
     self.assertEqual(cluster.jitter,
                      {"overhead": 0.3, "land": 0.7, "apply": 0.6})
 
+  def test_several_seeds_give_the_mean_rate_and_the_summed_histogram(self):
+    run = calibration.Measured("healthy", "gba", 2, 1, 8, 16, 0.0, {},
+                               80.0, [5, 5])
+    cluster = engine.ClusterModel(
+        num_workers=2, num_ps=1, local_batch_size=8, global_batch_size=16,
+        compute=timing.ComputeModel(0.1, distribution="lognormal",
+                                    sigma=0.5))
+    one = calibration.compare(run, cluster, 40)
+    results = [engine.simulate("gba", cluster, 40, seed) for seed in (0, 1, 2)]
+    three = calibration.compare(run, cluster, 40, seeds=3)
+    self.assertEqual(three["seeds"], 3)
+    self.assertAllClose(three["simulated_local_steps_per_s"],
+                        np.mean([r.local_steps_per_s for r in results]))
+    self.assertAllEqual(three["simulated_histogram"],
+                        np.sum([r.staleness_histogram(2) for r in results],
+                               axis=0))
+    # Seed 0 alone is the first of them.
+    self.assertAllClose(one["simulated_local_steps_per_s"],
+                        results[0].local_steps_per_s)
+
   def test_a_run_without_a_trace_is_one_line(self):
     run = calibration.Measured(**dict(vars(self._traced("gba")),
                                       push_phases=None))
@@ -305,6 +325,71 @@ class SimTraceTest(tf.test.TestCase):
     self.assertAllClose(first[0][push_trace.LANDED], 0.014)
     self.assertAllClose(first[1][[push_trace.TICKET, push_trace.LANDED]],
                         [0.02, 0.024])
+
+
+class LoopTest(tf.test.TestCase):
+  """Training loops: Keras' fit joins every step at an epoch's end."""
+
+  # Two workers computing 10 and 20 ms after 50 ms of dispatch, M = 1 with
+  # no PS cost (each push applies its own step at once), loops of 4 local
+  # steps and 0.5 s between them. Loop 0:
+  # both read at .05; w0 ends .06, reads .11, ends .12; w1 ends .07, reads
+  # .12, ends .14. The loop's 4 steps have started: w0 waits; w1's end at
+  # .14 is the loop's last, so both start again at .14 + .5 and read at
+  # .69. Within a loop each worker's gap (end to next read) is .05; the
+  # loop's end is .69 - .14 = .55: the pause and one dispatch.
+  def _run(self, loop_steps=4):
+    cluster = _cluster([0.01, 0.02], num_ps=1, local_batch_size=1,
+                       overhead_s=0.05, loop_steps=loop_steps,
+                       loop_pause_s=0.5)
+    return engine.simulate("bounded_staleness", cluster, 12).trace
+
+  def test_the_workers_start_each_loop_together_after_the_pause(self):
+    rows = self._run()
+    reads = np.sort(rows[:, push_trace.READ])
+    self.assertAllClose(reads[:6], [0.05, 0.05, 0.11, 0.12, 0.69, 0.69])
+    # Without loops, w0's third read is at .12 + .05, w1's at .14 + .05.
+    self.assertAllClose(np.sort(self._run(0)[:, push_trace.READ])[:6],
+                        [0.05, 0.05, 0.11, 0.12, 0.17, 0.19])
+    # The trace reads back as the runtime's does: gaps within loops, and
+    # the loops' ends.
+    p = push_trace.phases(rows, num_workers=2, warmup_fraction=0.0,
+                          loop_steps=4)
+    self.assertAllClose(p["gap_s"], [0.05, 0.05])
+    self.assertAllClose(p["loop_pause_s"], 0.55)
+
+  def test_calibration_reads_the_loops_from_a_trace(self):
+    rows = self._run()
+    row = {"condition": "healthy", "mode": "gba", "repeat": 0,
+           "args": ["--straggler="],
+           "config": {"num_workers": 2, "num_ps": 1, "step_ms": 0.0,
+                      "global_batch_size": 2, "steps_per_loop": 2,
+                      "gba": {"local_batch_size": 1}},
+           "samples_per_s": 20.0, "staleness_histogram": [1],
+           "push_phases": None}
+    # 2 global steps of 2 local steps per loop.
+    run = calibration.Measured.from_row(row, rows)
+    self.assertEqual(run.loop_steps, 4)
+    costs = calibration.traced_costs(run, rpc_s=0.0)
+    # The pause less one dispatch: .55 - .05.
+    self.assertAllClose(costs["loop_pause_s"], 0.5)
+    self.assertAllClose(costs["overhead_s"], 0.05)
+    cluster = calibration.traced_cluster(run, costs)
+    self.assertEqual((cluster.loop_steps, cluster.loop_pause_s), (4, 0.5))
+    # Kept beside the JSON, by condition-mode-repeat.
+    path = os.path.join(self.get_temp_dir(), "calib.json")
+    np.savez_compressed(path[:-5] + "_traces.npz",
+                        **{calibration.trace_key(row): rows})
+    traces = calibration.load_traces(path)
+    self.assertAllClose(traces["healthy-gba-r0"], rows)
+    self.assertEqual(calibration.load_traces(
+        os.path.join(self.get_temp_dir(), "other.json")), {})
+
+  def test_bad_loop_steps_is_one_line(self):
+    with self.assertRaisesRegex(ValueError, r"Received: loop_steps=-2"):
+      _cluster([0.01], loop_steps=-2)
+    with self.assertRaisesRegex(ValueError, r"Received: loop_pause_s=-1"):
+      _cluster([0.01], loop_pause_s=-1.0)
 
 
 class JitterTest(tf.test.TestCase):
@@ -407,7 +492,7 @@ class SimulateBinaryTest(tf.test.TestCase):
           "condition": condition, "mode": mode,
           "args": [f"--straggler={straggler}"],
           "config": {"num_workers": 2, "num_ps": 1, "step_ms": 50.0,
-                     "global_batch_size": 16,
+                     "global_batch_size": 16, "steps_per_loop": 25,
                      "gba": {"local_batch_size": 8}},
           "samples_per_s": speed,
           "staleness_histogram": [5, 5] if mode == "gba" else None,

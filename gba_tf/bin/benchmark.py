@@ -40,6 +40,7 @@ import time
 
 from absl import app
 from absl import flags
+import numpy as np
 
 import gba_tf  # pylint: disable=unused-import  (TF_USE_LEGACY_KERAS first)
 from gba_tf import stragglers
@@ -47,6 +48,7 @@ from gba_tf.launch import convergence
 from gba_tf.launch import flags as gba_flags
 from gba_tf.launch import launcher as launcher_lib
 from gba_tf.launch import switch_paths
+from gba_tf.sim import calibration
 
 FLAGS = flags.FLAGS
 # The source checkout this package sits in, if it is one: where the default
@@ -227,6 +229,12 @@ def _write_json(name, start, summary, rows, **extra):
                                    sys.argv[1:]),
                "seconds": time.perf_counter() - start, **extra,
                "summary": summary, "runs": rows}, f, indent=2)
+  # Traced runs' raw push traces beside it, where the simulator's
+  # calibration reads them (`calibration.load_traces`).
+  traces = {calibration.trace_key(r): np.load(r["push_trace"])
+            for r in rows if r.get("push_trace")}
+  if traces:
+    np.savez_compressed(f"{stem}_traces.npz", **traces)
   return stem
 
 

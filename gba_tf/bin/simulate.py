@@ -35,6 +35,8 @@ from gba_tf.sim import timing
 
 FLAGS = flags.FLAGS
 SCHEMA_VERSION = 1
+# --calibrate: simulator seeds pooled per case (see calibrate()).
+_CALIBRATION_SEEDS = 5
 
 
 def define_flags() -> None:
@@ -192,16 +194,21 @@ def calibrate(paths):
   its mode directly (`calibration.traced_costs`): nothing is fitted, and
   its healthy throughput and staleness are predictions as well. Modes
   without a trace (sync, plain async) get their unexplained time per step
-  fitted to their healthy throughput, with the compute of the shape's
-  healthy GBA run. Repeats of a case (`gba-benchmark --repeats`) are
-  pooled: median throughput, summed histograms, each cost the median of
-  the repeats' own.
+  fitted to their healthy throughput, with the compute and the loop pause
+  of the shape's healthy GBA run. Repeats of a case (`gba-benchmark
+  --repeats`) are pooled: median throughput, summed histograms, each cost
+  the median of the repeats' own. Where the runs' raw push traces were
+  kept (`<name>_traces.npz` beside `<name>.json`), the phases are read from
+  them.
   """
   measured = []
   for path in paths:
     with open(path) as f:
-      measured += [calibration.Measured.from_row(r)
-                   for r in json.load(f)["runs"]]
+      rows = json.load(f)["runs"]
+    traces = calibration.load_traces(path)
+    measured += [calibration.Measured.from_row(
+        r, traces.get(calibration.trace_key(r)) if traces else None)
+                 for r in rows]
   cases = {}  # (workers, condition, mode) -> repeats, in file order
   for m in measured:
     cases.setdefault((m.num_workers, m.condition, m.mode), []).append(m)
@@ -216,8 +223,10 @@ def calibrate(paths):
                        "--calibrate.")
     gba_costs = calibration.median_costs(
         [calibration.traced_costs(r) for r in references])
-    # Long enough that the simulated histogram and rate hardly depend on
-    # the seed (at 200 pushes per worker the TV moved by up to 0.05).
+    # The prediction is the model's, not one draw of it: at 200 pushes per
+    # worker one seed's TV moved by up to 0.05, at 2,000 still by 0.016
+    # (0.086-0.102 over 5 seeds, 4 workers, bounded staleness); 5 seeds of
+    # 2,000 pushes per worker are pooled.
     steps = 2000 * workers
     shape = {(c, mode): runs for (w, c, mode), runs in cases.items()
              if w == workers}
@@ -231,10 +240,11 @@ def calibrate(paths):
             [calibration.traced_costs(r) for r in traced]), "measured")
       else:
         base_s, sigma = gba_costs["base_s"], gba_costs["sigma"]
-        costs[mode] = (dict(base_s=base_s, sigma=sigma,
+        pause = gba_costs["loop_pause_s"]
+        costs[mode] = (dict(base_s=base_s, sigma=sigma, loop_pause_s=pause,
                             overhead_s=calibration.fit_overhead(
                                 calibration.pool(runs), base_s, steps,
-                                sigma)), "fitted")
+                                sigma, loop_pause_s=pause)), "fitted")
     for (condition, mode), runs in shape.items():
       if mode not in costs:
         raise ValueError(f"Received: {condition} {mode} runs for {workers} "
@@ -245,8 +255,9 @@ def calibrate(paths):
       cluster = (calibration.traced_cluster(run, mode_costs)
                  if source == "measured" else calibration.cluster_for(
                      run, mode_costs["base_s"], mode_costs["overhead_s"],
-                     mode_costs["sigma"]))
-      row = calibration.compare(run, cluster, steps)
+                     mode_costs["sigma"],
+                     loop_pause_s=mode_costs["loop_pause_s"]))
+      row = calibration.compare(run, cluster, steps, seeds=_CALIBRATION_SEEDS)
       row.update(costs=mode_costs, costs_from=source,
                  fitted_throughput=(source == "fitted"
                                     and condition == "healthy"),

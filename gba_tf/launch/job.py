@@ -350,7 +350,15 @@ class Job:
       # on ps:0, and gba_metrics() also serves the periodic health checks.
       trace = strategy.extended.aggregator.push_trace()
       if trace is not None:
-        gba["push_phases"] = push_trace.phases(trace, c.num_workers)
+        # Keras ends each loop (epoch) of steps_per_loop global batches by
+        # joining every step: the phases keep the pause between loops
+        # apart from a step's own dispatch. Loops are counted from the
+        # run's first push: not in a trace whose ring dropped the oldest.
+        whole = len(trace) == gba["pushed"]
+        gba["push_phases"] = push_trace.phases(
+            trace, c.num_workers,
+            loop_steps=(c.steps_per_loop * c.local_batches_per_global_batch
+                        if whole else 0))
         # The raw rows (gba_tf.push_trace.COLUMNS), for a closer look than
         # the phases' means.
         np.save(os.path.join(c.model_dir, f"push_trace-{c.mode}.npy"), trace)

@@ -17,11 +17,14 @@ What is taken from where (per cluster shape, e.g. 4 workers + 2 PS):
   cost from its own healthy run's trace (`traced_costs`): the compute
   after the token read and its spread, the landing after the ticket, the
   apply, the time from a push's end to the worker's next token read, and
-  how much the last three vary from push to push. Nothing is fitted: the
-  healthy run's throughput and staleness are predictions too;
-* sync and plain async (no trace): the compute of the shape's healthy GBA
-  run, and the time per step nothing else explains fitted to the healthy
-  run's throughput (`fit_overhead`);
+  how much the last three vary from push to push, and the pause between
+  two training loops (`fit` joins every step at an epoch's end, so the
+  workers stop and restart together every `loop_steps` local steps).
+  Nothing is fitted: the healthy run's throughput and staleness are
+  predictions too;
+* sync and plain async (no trace): the compute and the loop pause of the
+  shape's healthy GBA run, and the time per step nothing else explains
+  fitted to the healthy run's throughput (`fit_overhead`);
 * the scalar section's hold time (`serial_s`) from the push profile
   (`scripts/profile_push.py`): a fixed input, see `LOCAL_COSTS`.
 
@@ -36,10 +39,12 @@ Example:
 """
 
 import dataclasses
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from gba_tf import push_trace
 from gba_tf import stragglers as stragglers_lib
 from gba_tf.sim import engine
 from gba_tf.sim import timing
@@ -85,23 +90,52 @@ class Measured:
   samples_per_s: float
   staleness_histogram: Optional[List[int]]
   push_phases: Optional[Dict[str, object]] = None
+  # Local steps per training loop (`fit` epoch) of a PS mode; 0 for sync.
+  loop_steps: int = 0
 
   @classmethod
-  def from_row(cls, row) -> "Measured":
+  def from_row(cls, row, trace=None) -> "Measured":
+    """`row` of `gba-benchmark`'s JSON; `trace`, the run's raw push trace
+    (`gba_tf.push_trace.COLUMNS` rows), if kept: its phases are then read
+    here, with the run's loops, instead of taken from the row."""
     flags = row["config"]
     straggler = ""
     for arg in row["args"]:
       if arg.startswith("--straggler="):
         straggler = arg.split("=", 1)[1]
+    local = flags["gba"]["local_batch_size"]
+    # The job's loop: steps_per_loop global batches of local steps.
+    loop_steps = (0 if row["mode"] == "sync" else
+                  flags["steps_per_loop"] * (flags["global_batch_size"]
+                                             // local))
+    phases = row.get("push_phases")
+    if trace is not None:
+      phases = push_trace.phases(trace, flags["num_workers"],
+                                 loop_steps=loop_steps)
     return cls(condition=row["condition"], mode=row["mode"],
                num_workers=flags["num_workers"], num_ps=flags["num_ps"],
-               local_batch_size=flags["gba"]["local_batch_size"],
+               local_batch_size=local,
                global_batch_size=flags["global_batch_size"],
                step_ms=flags["step_ms"],
                stragglers=stragglers_lib.parse(straggler),
                samples_per_s=row["samples_per_s"],
                staleness_histogram=row.get("staleness_histogram"),
-               push_phases=row.get("push_phases"))
+               push_phases=phases, loop_steps=loop_steps)
+
+
+def trace_key(row) -> str:
+  """A run's name in a `<name>_traces.npz`: condition-mode-r<repeat>."""
+  return f"{row['condition']}-{row['mode']}-r{row['repeat']}"
+
+
+def load_traces(json_path: str) -> Dict[str, np.ndarray]:
+  """The raw push traces kept beside a `gba-benchmark` JSON
+  (`<name>_traces.npz`, by `trace_key`); empty if there are none."""
+  path = json_path[:-len(".json")] + "_traces.npz"
+  if not json_path.endswith(".json") or not os.path.exists(path):
+    return {}
+  with np.load(path) as traces:
+    return {key: traces[key] for key in traces.files}
 
 
 def pool(runs: Sequence[Measured]) -> Measured:
@@ -146,9 +180,10 @@ def median_costs(costs: Sequence[Dict[str, float]]) -> Dict[str, float]:
 def cluster_for(run: Measured, base_s: float, overhead_s: float,
                 sigma: float = DEFAULT_SIGMA,
                 costs: Optional[Dict[str, float]] = None,
-                push_share: float = DEFAULT_PUSH_SHARE
-                ) -> engine.ClusterModel:
-  """The simulated cluster of a measured run's shape and stragglers."""
+                push_share: float = DEFAULT_PUSH_SHARE,
+                loop_pause_s: float = 0.0) -> engine.ClusterModel:
+  """The simulated cluster of a measured run's shape and stragglers (and
+  its training loops, with `loop_pause_s` between them)."""
   costs = dict(LOCAL_COSTS, **(costs or {}))
   compute = timing.ComputeModel(base_s, distribution="lognormal",
                                 sigma=sigma)
@@ -162,7 +197,7 @@ def cluster_for(run: Measured, base_s: float, overhead_s: float,
       push_s=overhead_s * push_share,
       # --straggler=i:k stretches the emulated step (the input sleep) only.
       input_s=run.step_ms / 1000.0, input_slowdown=dict(run.stragglers),
-      **costs)
+      loop_steps=run.loop_steps, loop_pause_s=loop_pause_s, **costs)
 
 
 def traced_costs(run: Measured, rpc_s: float = LOCAL_COSTS["rpc_s"],
@@ -182,7 +217,11 @@ def traced_costs(run: Measured, rpc_s: float = LOCAL_COSTS["rpc_s"],
           tasks, the scalar section) = land_s + serial_s, a latency;
     apply (a claiming push's landing to its end), per global step it
           applies = apply_s / P + serial_s;
-    gap (a push's end to the worker's next token read) = rpc_s + overhead_s;
+    gap (a push's end to the worker's next token read, within a training
+         loop) = rpc_s + overhead_s;
+    loop pause (a loop's last end to the next loop's first read)
+        = loop_pause_s + gap: the chief's work between two loops, then a
+          step's own dispatch;
 
   and the spread (log standard deviation) of gap, land and apply as the
   simulator's jitter of those costs. The wait for a ticket is not an
@@ -190,8 +229,9 @@ def traced_costs(run: Measured, rpc_s: float = LOCAL_COSTS["rpc_s"],
   fitted.
 
   Returns:
-    base_s, overhead_s, land_s, apply_s (seconds); sigma (of the compute),
-    overhead_sigma, land_sigma, apply_sigma (lognormal shapes).
+    base_s, overhead_s, land_s, apply_s, loop_pause_s (seconds); sigma (of
+    the compute), overhead_sigma, land_sigma, apply_sigma (lognormal
+    shapes).
   """
   p = run.push_phases
   if not p:
@@ -215,6 +255,8 @@ def traced_costs(run: Measured, rpc_s: float = LOCAL_COSTS["rpc_s"],
       "land_s": max(p["land_s"] - serial_s, 0.0),
       "apply_s": max((p["apply_s"] or 0.0) / steps_per_claim - serial_s,
                      0.0) * max(run.num_ps, 1),
+      "loop_pause_s": max((p.get("loop_pause_s") or 0.0)
+                          - median("gap_s"), 0.0),
       # The spread of each, as measured.
       "overhead_sigma": median("gap_log_sd"),
       "land_sigma": p["land_log_sd"] or 0.0,
@@ -236,12 +278,14 @@ def traced_cluster(run: Measured, costs: Dict[str, float]
       input_s=run.step_ms / 1000.0, input_slowdown=dict(run.stragglers),
       rpc_s=LOCAL_COSTS["rpc_s"], serial_s=LOCAL_COSTS["serial_s"],
       land_s=costs["land_s"], apply_s=costs["apply_s"],
-      jitter={name: costs[f"{name}_sigma"] for name in engine.JITTERED})
+      jitter={name: costs[f"{name}_sigma"] for name in engine.JITTERED},
+      loop_steps=run.loop_steps, loop_pause_s=costs.get("loop_pause_s", 0.0))
 
 
 def fit_overhead(run: Measured, base_s: float, local_steps: int,
                  sigma: float = DEFAULT_SIGMA, seed: int = 0,
-                 push_share: float = DEFAULT_PUSH_SHARE) -> float:
+                 push_share: float = DEFAULT_PUSH_SHARE,
+                 loop_pause_s: float = 0.0) -> float:
   """`overhead_s` at which the simulated throughput matches `run`'s.
 
   Bisection: throughput falls monotonically as the overhead grows.
@@ -252,7 +296,8 @@ def fit_overhead(run: Measured, base_s: float, local_steps: int,
     mid = (low + high) / 2.0
     result = engine.simulate(run.mode,
                              cluster_for(run, base_s, mid, sigma,
-                                         push_share=push_share),
+                                         push_share=push_share,
+                                         loop_pause_s=loop_pause_s),
                              local_steps, seed)
     if result.local_steps_per_s > target:
       low = mid
@@ -262,17 +307,25 @@ def fit_overhead(run: Measured, base_s: float, local_steps: int,
 
 
 def compare(run: Measured, cluster: engine.ClusterModel, local_steps: int,
-            seed: int = 0) -> Dict[str, object]:
-  """Simulates `run`'s mode on `cluster`; errors against the measurement."""
-  result = engine.simulate(run.mode, cluster, local_steps, seed)
+            seeds: int = 1) -> Dict[str, object]:
+  """Simulates `run`'s mode on `cluster`; errors against the measurement.
+
+  With several `seeds` (0, 1, ...), the prediction is their mean
+  throughput and their summed staleness histogram: the model's expectation
+  rather than one draw of it."""
+  results = [engine.simulate(run.mode, cluster, local_steps, seed)
+             for seed in range(seeds)]
+  rate = float(np.mean([r.local_steps_per_s for r in results]))
   measured = run.samples_per_s / run.local_batch_size
   out = {"condition": run.condition, "mode": run.mode,
          "workers": run.num_workers, "ps": run.num_ps,
          "measured_local_steps_per_s": measured,
-         "simulated_local_steps_per_s": result.local_steps_per_s,
-         "throughput_error": result.local_steps_per_s / measured - 1.0}
+         "simulated_local_steps_per_s": rate,
+         "throughput_error": rate / measured - 1.0, "seeds": seeds}
   if run.staleness_histogram:
-    simulated = result.staleness_histogram(len(run.staleness_histogram))
+    size = len(run.staleness_histogram)
+    simulated = np.sum([r.staleness_histogram(size) for r in results],
+                       axis=0)
     out["measured_histogram"] = list(run.staleness_histogram)
     out["simulated_histogram"] = simulated.tolist()
     out["tv_distance"] = tv_distance(run.staleness_histogram, simulated)

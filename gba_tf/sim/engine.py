@@ -33,6 +33,12 @@ One local step of a PS mode, as the runtime runs it:
    every shard (`async_apply_s / num_ps` each), no scalar section.
 4. the reply travels `rpc_s` back; the worker starts its next step.
 
+Training loops (`loop_steps`, optional): Keras' `fit` schedules an epoch's
+steps and joins them all before the next epoch, so every `loop_steps`
+local steps the workers that finish find no step to run; once the loop's
+last push has ended and `loop_pause_s` has passed (the chief's epoch-end
+work), all of them start the next loop together, in phase.
+
 `sync` (MultiWorkerMirroredStrategy) runs in lock step: each step lasts the
 slowest worker's `overhead_s + compute` plus `allreduce_s`.
 
@@ -122,6 +128,9 @@ class ClusterModel:
     allreduce_s: sync's all-reduce per step.
     max_staleness: the bounded-staleness preset's limit.
     backup_workers: the backup-workers preset's spare workers.
+    loop_steps: PS modes: local steps per training loop (a `fit` epoch),
+      joined before the next starts; 0: one endless loop.
+    loop_pause_s: from a loop's last push end to the next loop's starts.
   """
   num_workers: int
   compute: timing.ComputeModel
@@ -142,6 +151,8 @@ class ClusterModel:
   allreduce_s: float = 0.0
   max_staleness: int = 4
   backup_workers: int = 1
+  loop_steps: int = 0
+  loop_pause_s: float = 0.0
 
   def __post_init__(self):
     if isinstance(self.num_workers, bool) or not isinstance(
@@ -151,9 +162,13 @@ class ClusterModel:
     if not isinstance(self.num_ps, int) or self.num_ps < 1:
       raise ValueError(f"Received: num_ps={self.num_ps!r}, which must be an "
                        "integer >= 1.")
+    if isinstance(self.loop_steps, bool) or not isinstance(
+        self.loop_steps, int) or self.loop_steps < 0:
+      raise ValueError(f"Received: loop_steps={self.loop_steps!r}, which "
+                       "must be an integer >= 0.")
     for name in ("overhead_s", "input_s", "rpc_s", "push_s", "land_s",
-                 "serial_s",
-                 "add_s", "apply_s", "async_apply_s", "allreduce_s"):
+                 "serial_s", "add_s", "apply_s", "async_apply_s",
+                 "allreduce_s", "loop_pause_s"):
       value = getattr(self, name)
       if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"Received: {name}={value!r}, which must be a "
@@ -358,6 +373,10 @@ class _PSSimulation:
     self.reserved_landed = collections.defaultdict(int)
     self.reserved_step = 0
     self.started = 0
+    # Workers that found the current loop's steps all started, waiting for
+    # its last push to end (`loop_steps`).
+    self.parked = []
+    self.resume_at = 0.0
     self.records = []  # (worker, token, step, tau, weight, accepted)
     self.ends = []
     # worker -> its push's trace row so far (its token among them)
@@ -402,6 +421,15 @@ class _PSSimulation:
   def start(self, t, w):
     if self.started >= self.total:
       return
+    loop = self.c.loop_steps
+    if loop and self.started and self.started % loop == 0:
+      if len(self.ends) < self.started:
+        # The loop's steps have all started: wait for its join.
+        self.parked.append(w)
+        return
+      if t < self.resume_at:
+        self.push_event(self.resume_at, _START, w)
+        return
     self.started += 1
     self.push_event(t + self.jittered("overhead", self.c.overhead_s), _TOKEN,
                     w)
@@ -429,6 +457,13 @@ class _PSSimulation:
     row[push_trace.END] = t
     self.trace.append(row)
     self.ends.append(t + self.c.rpc_s)
+    loop = self.c.loop_steps
+    if loop and self.started % loop == 0 and len(self.ends) == self.started:
+      # The loop's last push: every worker starts the next loop together.
+      self.resume_at = t + self.c.rpc_s + self.c.loop_pause_s
+      for v in self.parked:
+        self.push_event(self.resume_at, _START, v)
+      self.parked = []
     self.push_event(t + self.c.rpc_s, _START, w)
 
   def _serial(self, t, hold):
