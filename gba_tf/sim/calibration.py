@@ -279,7 +279,7 @@ def traced_cluster(run: Measured, costs: Dict[str, float]
       rpc_s=LOCAL_COSTS["rpc_s"], serial_s=LOCAL_COSTS["serial_s"],
       land_s=costs["land_s"], apply_s=costs["apply_s"],
       jitter={name: costs[f"{name}_sigma"] for name in engine.JITTERED},
-      loop_steps=run.loop_steps, loop_pause_s=costs.get("loop_pause_s", 0.0))
+      loop_steps=run.loop_steps, loop_pause_s=costs["loop_pause_s"])
 
 
 def fit_overhead(run: Measured, base_s: float, local_steps: int,
