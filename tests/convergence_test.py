@@ -127,6 +127,18 @@ class ConvergePlanTest(tf.test.TestCase):
     for case in cases[1:]:
       self.assertEqual([case[1], case[3]], ["straggler", "--mode=gba"])
 
+  def test_ablation_modes_pick_variants(self):
+    _, _, cases = _plan("--converge", "--ablation", "--datasets=movielens",
+                        "--modes=no_decay,exp0.5_t2_weights")
+    self.assertEqual([c[2] for c in cases],
+                     ["sync", "no_decay", "exp0.5_t2_weights"])
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLAN, "--converge", "--ablation",
+         "--datasets=movielens", "--modes=gba"],
+        cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("Received: --modes=gba", proc.stderr)
+
 
 class ConvergeBenchmarkTest(tf.test.TestCase):
 

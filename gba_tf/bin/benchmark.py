@@ -145,7 +145,8 @@ def define_flags():
                     "--converge / --switching: datasets.")
   flags.DEFINE_integer("repeats", 3, "Repeats per case (interleaved); "
                        "--converge: seeds (default 5).")
-  flags.DEFINE_list("modes", None, "Subset of modes; default all.")
+  flags.DEFINE_list("modes", None, "Subset of modes; default all. With "
+                    "--converge --ablation: of the ablation's variants.")
   flags.DEFINE_list("conditions", None, "Subset of conditions; default all.")
   flags.DEFINE_string("out_dir", "results",
                       "Where JSON, PNG and per-run logs go.")
@@ -186,15 +187,15 @@ def _plan():
   return FLAGS.name or name, cases, repeats, extra
 
 
-def _modes_and_conditions(modes, conditions):
+def _modes_and_conditions(modes, conditions, known_modes=MODES):
   """--modes / --conditions, else these defaults; raises ValueError naming
-  a value that is not a mode or condition."""
+  a value that is not one of `known_modes` or a condition."""
   modes = FLAGS.modes or modes
   conditions = FLAGS.conditions or conditions
   for m in modes:
-    if m not in MODES:
+    if m not in known_modes:
       raise ValueError(f"Received: --modes={m}, which is not one of "
-                       f"{list(MODES)}.")
+                       f"{list(known_modes)}.")
   for c in conditions:
     if c not in CONDITIONS:
       raise ValueError(f"Received: --conditions={c}, which is not one of "
@@ -495,27 +496,30 @@ def _converge_plan():
                                CONVERGE_TINY) for d, c, m in cases],
             FLAGS.repeats if FLAGS["repeats"].present else 2)
   datasets = _datasets()
-  modes, conditions = _modes_and_conditions(list(CONVERGE_MODES),
-                                            list(CONVERGE_CONDITIONS))
-  # Healthy sync is what every case is paired against: always run. Sync
-  # under stragglers only when --modes names sync: its arithmetic does not
-  # depend on the workers' speeds (the same global batches, in stream
-  # order), so its accuracy is healthy sync's (the first run measured
-  # +0.0004 [-0.0092, +0.0100]) and its time is what the mode comparison
-  # measures.
-  slow_sync = FLAGS["modes"].present and "sync" in modes
-  pairs = [("healthy", "sync")] + [
-      (c, m) for c in conditions for m in modes
-      if (c, m) != ("healthy", "sync") and
-      (m != "sync" or c == "healthy" or slow_sync)]
   args = dict(MODES)
-  if FLAGS.ablation:
+  if not FLAGS.ablation:
+    modes, conditions = _modes_and_conditions(list(CONVERGE_MODES),
+                                              list(CONVERGE_CONDITIONS))
+    # Healthy sync is what every case is paired against: always run. Sync
+    # under stragglers only when --modes names sync: its arithmetic does
+    # not depend on the workers' speeds (the same global batches, in
+    # stream order), so its accuracy is healthy sync's (the first run
+    # measured +0.0004 [-0.0092, +0.0100]) and its time is what the mode
+    # comparison measures.
+    slow_sync = FLAGS["modes"].present and "sync" in modes
+    pairs = [("healthy", "sync")] + [
+        (c, m) for c in conditions for m in modes
+        if (c, m) != ("healthy", "sync") and
+        (m != "sync" or c == "healthy" or slow_sync)]
+  else:
     # GBA's decay and normalization variants under the stragglers (default
     # condition: one 1/4 straggler), each paired with healthy sync.
-    conditions = FLAGS.conditions or ["straggler"]
+    # --modes, if given, picks variants (each run is one job per seed).
+    variants, conditions = _modes_and_conditions(list(ABLATION),
+                                                 ["straggler"], ABLATION)
     args.update({v: ["--mode=gba"] + a for v, a in ABLATION.items()})
     pairs = [("healthy", "sync")] + [(c, v) for c in conditions
-                                     if c != "healthy" for v in ABLATION]
+                                     if c != "healthy" for v in variants]
   cases = [(d, c, m, args[m], CONVERGE_COMMON + CONVERGE[d])
            for d in datasets for c, m in pairs]
   seeds = FLAGS.repeats if FLAGS["repeats"].present else 5
