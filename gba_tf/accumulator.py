@@ -140,24 +140,40 @@ class _Slot:
                               tf.cast(grad.indices, tf.int64),
                               grad.dense_shape)
 
-  def add(self, grad, parity, weight):
-    """Adds `weight * grad` into buffer `parity`: one atomic scatter op."""
+  def add(self, grad, parity, weight, accepted):
+    """Adds `weight * grad` into buffer `parity` if `accepted`: one atomic
+    scatter op, and no branch.
+
+    A push that is not accepted (dropped, or not finite) adds nothing: a
+    dense gradient is scaled by 0 with `multiply_no_nan` (0 even where the
+    gradient is NaN or Inf), and a sparse one adds none of its rows. The
+    add is not a `tf.cond`: every node of a branch, taken or not, is
+    processed on the PS and every tensor it takes crosses into it (one
+    `Switch` each), so a branch cost every push about as many nodes again
+    as the add itself.
+    """
     with tf.device(self.device):
       if self.sparse:
-        indices = tf.stack(
-            [tf.fill(tf.shape(grad.indices), parity), grad.indices], axis=1)
+        kept = tf.where(accepted, tf.shape(grad.indices)[0], 0)
+        rows = grad.indices[:kept]
+        indices = tf.stack([tf.fill(tf.shape(rows), parity), rows], axis=1)
         # Noted before added: a push that dies in between leaves a noted row
         # with nothing added, never an added row the apply would not clear.
-        noted = self._rows_of(parity).enqueue(grad.indices + 1)
+        # A push that adds no row notes an empty entry, which is no row.
+        noted = self._rows_of(parity).enqueue(rows + 1)
         with tf.control_dependencies([noted]):
           added = self._buffers.scatter_nd_add(
-              indices, grad.values * tf.cast(weight, grad.values.dtype))
-        # A tensor after both (scatter_nd_add returns the variable).
-        with tf.control_dependencies([added]):
-          return tf.identity(parity)
-      return self._buffers.scatter_nd_add(
-          tf.reshape(parity, [1, 1]),
-          tf.expand_dims(grad * tf.cast(weight, grad.dtype), 0))
+              indices,
+              grad.values[:kept] * tf.cast(weight, grad.values.dtype))
+      else:
+        scale = tf.where(accepted, tf.cast(weight, grad.dtype),
+                         tf.zeros([], grad.dtype))
+        added = self._buffers.scatter_nd_add(
+            tf.reshape(parity, [1, 1]),
+            tf.expand_dims(tf.math.multiply_no_nan(grad, scale), 0))
+      # A tensor after the add (scatter_nd_add returns the variable).
+      with tf.control_dependencies([added]):
+        return tf.identity(parity)
 
   def take(self, parity, divisor):
     """Buffer `parity` divided by `divisor` (M, or the sum of the step's
@@ -482,11 +498,8 @@ class GradientAggregator:
           local_parity = tf.cast(local[0], tf.int64)
           local_weight, local_accepted = local[1], local[2] > 0
 
-        def add(entries=entries, parity=local_parity, weight=local_weight):
-          with tf.control_dependencies([slot.add(g, parity, weight)
-                                        for slot, g, _ in entries]):
-            return tf.constant(True)
-        adds.append(tf.cond(local_accepted, add, lambda: tf.constant(False)))
+        adds.extend(slot.add(g, local_parity, local_weight, local_accepted)
+                    for slot, g, _ in entries)
 
     with tf.control_dependencies(_per_device_barriers(adds) + counted
                                  + [returned]):

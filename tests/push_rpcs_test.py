@@ -10,16 +10,17 @@ variable shards over 2 PS) under plain ParameterServerStrategy and under
 GBAStrategy, has TF dump the partitioned graphs, and counts the RPCs each
 PS task receives per local step.
 
-Counted on the landed code: GBA 20 and 14 on ps:0 and ps:1, async 24 and
+Counted on the landed code: GBA 19 and 13 on ps:0 and ps:1, async 24 and
 12. Before the push was trimmed, GBA's were 43 and 22: a finite flag and a
 control edge per gradient, the learning rate read once per variable, and
 three scalars to each shard; then 23 and 18 while the apply was a branch of
-every push.
+every push, and 20 and 14 while the add was one.
 
 The same dump shows what each PS task runs per push: the optimizer's update
 must not be there (`gba_tf.applier` applies global steps in a function of
 its own). With the apply as a branch of the push, the PS tasks ran 764 and
-513 nodes per push (async: 171 and 176); without, 422 and 224.
+513 nodes per push (async: 171 and 176); without, 422 and 224; with the add
+not a branch either, 378 and 186.
 """
 
 import collections

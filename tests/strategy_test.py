@@ -193,6 +193,19 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     self.assertEqual(sorted(m["worker_pushed"]), [2, 11])
     self.assertEqual(sorted(m["worker_dropped"]), [0, 1])
 
+    # The dropped push took ticket 12 (step 6) and put it back behind 13,
+    # 14, 15. It added nothing to step 6: F2 (ticket 13) and F5 (ticket 12)
+    # make step 6 with tau 0; F3 and F4 (tickets 14, 15, token 6) make step
+    # 7 with tau 1, f = 0.5.
+    h.run(F2, F3, F4, F5)
+    w6, e6 = delta((1, F2), (1, F5))
+    w7, e7 = delta((0.5, F3), (0.5, F4))
+    self.assertAllClose(h.params(), (before[0] + w6 + w7,
+                                     before[1] + e6 + e7))
+    m = strategy.gba_metrics()
+    self.assertEqual((m["pushed"], m["applied"], m["dropped"], m["pending"],
+                      m["global_steps"]), (17, 16, 1, 0, 8))
+
   def test_normalize_by_weights_divides_by_the_sum_of_weights(self):
     # The first three steps of the test above, with normalize="weights":
     # steps with no decayed gradient are unchanged (the weights sum to
