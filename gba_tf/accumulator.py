@@ -452,9 +452,14 @@ class GradientAggregator:
       # cheap op whenever its thread gets to it, and a timestamp that
       # nothing waits for was seen to run only after the push had landed.
       traced = self._trace is not None
+      # No tf.cond here or below: a branch's nodes are processed on every
+      # push, taken or not, with one Switch per tensor it takes. A queue op
+      # of 0 elements instead is a no-op that returns at once: a rejected
+      # push dequeues no ticket (and gets -1).
       with tf.control_dependencies([arrive_time] if traced else []):
-        ticket = tf.cond(finite, self._tickets.dequeue,
-                         lambda: tf.constant(-1, tf.int64))
+        ticket = tf.concat([
+            self._tickets.dequeue_many(tf.cast(finite, tf.int32)),
+            tf.constant([-1], tf.int64)], 0)[0]
       ticket_time = _time_after(ticket) if traced else None
       # A rejected push has no ticket; its tau (for the histogram) is
       # measured against the global step.
@@ -465,12 +470,10 @@ class GradientAggregator:
       weight = self._tables.weight(tau, _TF_OPS)
       accepted = tf.logical_and(finite, self._tables.accepts(tau, _TF_OPS))
 
-      def give_back():
-        with tf.control_dependencies([self._tickets.enqueue(ticket)]):
-          return tf.constant(True)
-
-      returned = tf.cond(tf.logical_and(finite, tf.logical_not(accepted)),
-                         give_back, lambda: tf.constant(False))
+      # A dropped push puts its ticket back (an empty enqueue otherwise).
+      returned = self._tickets.enqueue_many(_first(
+          tf.reshape(ticket, [1]),
+          tf.logical_and(finite, tf.logical_not(accepted))))
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
           finite)
@@ -518,21 +521,23 @@ class GradientAggregator:
     self._start_watchdog()
 
     with tf.device(self._device):
-      def announce():
-        # The applier applies the step (and any that complete meanwhile);
-        # its reply (the last step of its chain) says it is done. Not an
-        # apply in this graph: see `gba_tf.applier` for why. A reply older
-        # than this step was left by a claimer that died waiting: skipped.
-        with tf.control_dependencies([self._ready.enqueue(next_step)]):
-          reply = self._applied.dequeue()
-        reply, = tf.while_loop(lambda r: r < next_step,
-                               lambda unused_r: [self._applied.dequeue()],
-                               [reply], parallel_iterations=1)
-        return tf.greater_equal(reply, next_step)
-
+      # The applier applies the step (and any that complete meanwhile); its
+      # reply (the last step of its chain) says it is done. Not an apply in
+      # this graph: see `gba_tf.applier` for why. Only the claiming push
+      # sends and waits; the others' queue ops take 0 elements. A reply
+      # older than this step was left by a claimer that died waiting:
+      # skipped.
       landed_time = _time_after(claim) if traced else None
       with tf.control_dependencies([landed_time] if traced else []):
-        completed = tf.cond(claim, announce, lambda: tf.constant(False))
+        announced = self._ready.enqueue_many(
+            _first(tf.reshape(next_step, [1]), claim))
+      with tf.control_dependencies([announced]):
+        replies = self._applied.dequeue_many(tf.cast(claim, tf.int32))
+      replies, = tf.while_loop(
+          lambda r: tf.reduce_any(r < next_step),
+          lambda unused_r: [self._applied.dequeue_many(1)], [replies],
+          shape_invariants=[tf.TensorShape([None])], parallel_iterations=1)
+      completed = tf.reduce_any(replies >= next_step)
       if not traced:
         return completed
       return self._record_trace(
@@ -767,6 +772,12 @@ def _after_update(var):
     if var.shape.rank == 0:
       return var.read_value()
     return var.sparse_read([0])
+
+
+def _first(vector, keep):
+  """`vector`'s first element as a vector of 1 if `keep`, else of 0: the
+  elements a queue op of `keep`'s push enqueues."""
+  return vector[:tf.cast(keep, tf.int32)]
 
 
 def _dense_part(grad):
