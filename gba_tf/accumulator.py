@@ -561,62 +561,75 @@ class GradientAggregator:
     """Applies `step` if `claim`, then each following step that completed.
 
     The loop runs on the first PS task; each iteration applies one global
-    step on every shard and finishes it in the scalar critical section.
+    step on every shard and finishes it in the scalar critical section
+    (the stall watchdog's recovery of a claimed step whose claimer died).
     Returns the last step applied (`step - 1` if none).
     """
-    m = self.num_aggregate
-
-    def apply_and_continue(unused_claim, step):
-      applied = self._apply(staged, steps, step)
-      with tf.control_dependencies(_per_device_barriers(applied)):
-        with tf.device(self._device):
-          more, following = self._lock.execute(
-              lambda: self._timed(lambda: self._finish(step)),
-              exclusive_resource_access=False)
-          # The tickets of step + 2 only once `step` is finished: they share
-          # its buffer parity, and the finish clears that parity's landing
-          # count. Issued earlier, a landing on one of them could be counted
-          # and then cleared (seen with 8 workers on 2 cores: the step
-          # stayed one landing short until the stall watchdog re-issued a
-          # ticket, and the lost push's gradient went into it as well).
-          with tf.control_dependencies([more, following]):
-            refill = self._tickets.enqueue_many(
-                tf.range(*schedule.refill(step, m)))
-      with tf.control_dependencies([refill]):
-        return tf.identity(more), tf.identity(following)
-
     with tf.device(self._device):
-      _, following = tf.while_loop(lambda c, unused_step: c,
-                                   apply_and_continue, (claim, step),
-                                   parallel_iterations=1)
+      _, following = tf.while_loop(
+          lambda c, unused_step: c,
+          lambda unused_claim, step: self._apply_step(staged, steps, step),
+          (claim, step), parallel_iterations=1)
       return following - 1
 
   def _serve_function(self):
     """The applier's loop (`gba_tf.applier`): applies each step the pushes
-    announce, replies, and ends on `applier.STOP`."""
+    announce, replies, and ends on `applier.STOP`.
+
+    One loop, one step per iteration: a step that completed while its
+    predecessor was applied is the next iteration's (no reply until the
+    chain ends), and otherwise the iteration waits for the next announced
+    step. The loop is entered once per call, so the tensors and variables
+    it takes cross into it once (a loop nested in it, one per chain,
+    entered them again for every applied step).
+    """
     staged, steps = self._apply_parts
 
     @tf.function
     def serve(limit):
       with tf.device(self._device):
-        def more(served, running):
-          return tf.logical_and(running, tf.logical_or(limit < 0,
-                                                       served < limit))
+        # `limit` 0 only registers the function: it waits for no step.
+        first = tf.concat([
+            self._ready.dequeue_many(tf.cast(tf.not_equal(limit, 0), tf.int32)),
+            tf.constant([applier_lib.STOP], tf.int64)], 0)[0]
 
-        def serve_one(served, unused_running):
-          step = self._ready.dequeue()
-          go = step >= 0
-          last = self._apply_chain(staged, steps, go, step)
-          replied = tf.cond(go, lambda: self._reply(last),
-                            lambda: tf.constant(False))
+        def apply_one(step):
+          more, following = self._apply_step(staged, steps, step)
+          # The chain ends here: reply, and wait for the next claim (or
+          # STOP). Otherwise `following` is applied next, unannounced.
+          ends = tf.logical_not(more)
+          replied = self._applied.enqueue_many(_first(tf.reshape(step, [1]),
+                                                      ends))
           with tf.control_dependencies([replied]):
-            return served + 1, tf.identity(go)
+            announced = self._ready.dequeue_many(tf.cast(ends, tf.int32))
+          return tf.concat([announced, tf.reshape(following, [1])], 0)[0]
 
-        tf.while_loop(more, serve_one,
-                      (tf.constant(0, tf.int64), tf.constant(True)),
+        tf.while_loop(lambda step: step >= 0, apply_one, [first],
                       parallel_iterations=1)
 
     return serve
+
+  def _apply_step(self, staged, steps, step):
+    """Applies `step` on every shard and finishes it; returns whether the
+    following step is complete (and claimed for this chain), and it."""
+    m = self.num_aggregate
+    applied = self._apply(staged, steps, step)
+    with tf.control_dependencies(_per_device_barriers(applied)):
+      with tf.device(self._device):
+        more, following = self._lock.execute(
+            lambda: self._timed(lambda: self._finish(step)),
+            exclusive_resource_access=False)
+        # The tickets of step + 2 only once `step` is finished: they share
+        # its buffer parity, and the finish clears that parity's landing
+        # count. Issued earlier, a landing on one of them could be counted
+        # and then cleared (seen with 8 workers on 2 cores: the step stayed
+        # one landing short until the stall watchdog re-issued a ticket,
+        # and the lost push's gradient went into it as well).
+        with tf.control_dependencies([more, following]):
+          refill = self._tickets.enqueue_many(
+              tf.range(*schedule.refill(step, m)))
+    with tf.control_dependencies([refill]):
+      return tf.identity(more), tf.identity(following)
 
   def _reply(self, last):
     with tf.control_dependencies([self._applied.enqueue(last)]):

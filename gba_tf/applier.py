@@ -41,8 +41,9 @@ class Applier:
   """Runs an aggregator's apply loop on the parameter servers.
 
   Args:
-    serve: a `tf.function` taking an int64 scalar `limit`: serves at most
-      `limit` queued steps (all of them, until `STOP`, if negative).
+    serve: a `tf.function` taking an int64 scalar `limit`: 0 registers it
+      and serves no step; otherwise it serves every announced step until
+      `STOP`.
     scope: a context manager factory for the strategy's scope.
     send_stop: eager callable that enqueues `STOP` for the loop.
   """

@@ -118,6 +118,12 @@ class PushOrderTest(tf.test.TestCase):
       self.assertEqual(optimizer.iterations.numpy(), _PUSHES // _M)
 
 
+def _op_of(function_def, tensor_name):
+  """The op type of the node that produces `tensor_name` in the function."""
+  name = tensor_name.lstrip("^").split(":")[0]
+  return {n.name: n.op for n in function_def.node_def}.get(name)
+
+
 def _ancestor_ops(function_def, node_name):
   """Op types of every node `node_name` depends on (data or control)."""
   nodes = {n.name: n for n in function_def.node_def}
@@ -149,8 +155,13 @@ class RefillOrderTest(tf.test.TestCase):
     serve = strategy.extended.aggregator._applier._serve  # pylint: disable=protected-access
     graph = serve.get_concrete_function(
         tf.TensorSpec([], tf.int64)).graph.as_graph_def()
-    refills = [(f, n.name) for f in graph.library.function
-               for n in f.node_def if n.op == "QueueEnqueueManyV2"]
+    # The applier enqueues many twice: the refill (a `Range` of tickets)
+    # and its reply to the claimer.
+    enqueues = [(f, n) for f in graph.library.function
+                for n in f.node_def if n.op == "QueueEnqueueManyV2"]
+    refills = [(f, n.name) for f, n in enqueues
+               if _op_of(f, n.input[1]) == "Range"]
+    self.assertLen(enqueues, 2)
     self.assertLen(refills, 1)
     self.assertIn("MutexLock", _ancestor_ops(*refills[0]))
 

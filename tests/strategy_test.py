@@ -196,8 +196,9 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     # The dropped push took ticket 12 (step 6) and put it back behind 13,
     # 14, 15. It added nothing to step 6: F2 (ticket 13) and F5 (ticket 12)
     # make step 6 with tau 0; F3 and F4 (tickets 14, 15, token 6) make step
-    # 7 with tau 1, f = 0.5.
-    h.run(F2, F3, F4, F5)
+    # 7 with tau 1, f = 0.5. One at a time: the tickets go in that order.
+    for push in (F2, F3, F4, F5):
+      h.run(push)
     w6, e6 = delta((1, F2), (1, F5))
     w7, e7 = delta((0.5, F3), (0.5, F4))
     self.assertAllClose(h.params(), (before[0] + w6 + w7,
