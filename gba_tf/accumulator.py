@@ -457,9 +457,7 @@ class GradientAggregator:
       # of 0 elements instead is a no-op that returns at once: a rejected
       # push dequeues no ticket (and gets -1).
       with tf.control_dependencies([arrive_time] if traced else []):
-        ticket = tf.concat([
-            self._tickets.dequeue_many(tf.cast(finite, tf.int32)),
-            tf.constant([-1], tf.int64)], 0)[0]
+        ticket = _dequeue_if(self._tickets, finite, -1)
       ticket_time = _time_after(ticket) if traced else None
       # A rejected push has no ticket; its tau (for the histogram) is
       # measured against the global step.
@@ -471,9 +469,8 @@ class GradientAggregator:
       accepted = tf.logical_and(finite, self._tables.accepts(tau, _TF_OPS))
 
       # A dropped push puts its ticket back (an empty enqueue otherwise).
-      returned = self._tickets.enqueue_many(_first(
-          tf.reshape(ticket, [1]),
-          tf.logical_and(finite, tf.logical_not(accepted))))
+      returned = _enqueue_if(self._tickets, ticket,
+                             tf.logical_and(finite, tf.logical_not(accepted)))
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
           finite)
@@ -529,8 +526,7 @@ class GradientAggregator:
       # skipped.
       landed_time = _time_after(claim) if traced else None
       with tf.control_dependencies([landed_time] if traced else []):
-        announced = self._ready.enqueue_many(
-            _first(tf.reshape(next_step, [1]), claim))
+        announced = _enqueue_if(self._ready, next_step, claim)
       with tf.control_dependencies([announced]):
         replies = self._applied.dequeue_many(tf.cast(claim, tf.int32))
       replies, = tf.while_loop(
@@ -589,20 +585,17 @@ class GradientAggregator:
     def serve(limit):
       with tf.device(self._device):
         # `limit` 0 only registers the function: it waits for no step.
-        first = tf.concat([
-            self._ready.dequeue_many(tf.cast(tf.not_equal(limit, 0), tf.int32)),
-            tf.constant([applier_lib.STOP], tf.int64)], 0)[0]
+        first = _dequeue_if(self._ready, tf.not_equal(limit, 0),
+                            applier_lib.STOP)
 
         def apply_one(step):
           more, following = self._apply_step(staged, steps, step)
           # The chain ends here: reply, and wait for the next claim (or
           # STOP). Otherwise `following` is applied next, unannounced.
           ends = tf.logical_not(more)
-          replied = self._applied.enqueue_many(_first(tf.reshape(step, [1]),
-                                                      ends))
+          replied = _enqueue_if(self._applied, step, ends)
           with tf.control_dependencies([replied]):
-            announced = self._ready.dequeue_many(tf.cast(ends, tf.int32))
-          return tf.concat([announced, tf.reshape(following, [1])], 0)[0]
+            return _dequeue_if(self._ready, ends, following)
 
         tf.while_loop(lambda step: step >= 0, apply_one, [first],
                       parallel_iterations=1)
@@ -787,10 +780,18 @@ def _after_update(var):
     return var.sparse_read([0])
 
 
-def _first(vector, keep):
-  """`vector`'s first element as a vector of 1 if `keep`, else of 0: the
-  elements a queue op of `keep`'s push enqueues."""
-  return vector[:tf.cast(keep, tf.int32)]
+def _enqueue_if(queue, value, keep):
+  """Enqueues the scalar `value` if `keep`: an enqueue of 1 or 0 elements,
+  not a branch (see `GradientAggregator.push`)."""
+  return queue.enqueue_many(tf.reshape(value, [1])[:tf.cast(keep, tf.int32)])
+
+
+def _dequeue_if(queue, take, otherwise):
+  """A scalar dequeued from `queue` if `take`, else `otherwise`: a dequeue
+  of 1 or 0 elements (0 returns at once), not a branch."""
+  taken = queue.dequeue_many(tf.cast(take, tf.int32))
+  return tf.concat([taken, tf.reshape(tf.cast(otherwise, taken.dtype), [1])],
+                   0)[0]
 
 
 def _dense_part(grad):
