@@ -275,12 +275,15 @@ class CheckpointManagerTest(tf.test.TestCase):
     bound = 0.1  # MiB per save and PS
     for mib in traced:
       self.assertLess(mib, bound, f"PS MiB per traced save: {traced}")
-    # The control: the same measure sees the eager leak above the same
-    # bound on every PS. (How much each PS grows is TF's business, not
-    # this test's: one PS grows ~2.5 MiB per eager save, the other
-    # 0.24-0.27 in 2 runs of 12, ~3 MiB in the others.)
-    for mib in leaky:
-      self.assertGreater(mib, 2 * bound, f"PS MiB per eager save: {leaky}")
+    # The control: the same measure sees the eager leak. It is asserted
+    # where TF puts most of it, the PS that grows most, and there 10x above
+    # the bound: how the leak splits over the PS is TF's business, not this
+    # test's (one PS grows ~2.5 MiB per eager save; the other 0.19-0.27 in 3
+    # runs of 14, ~3 MiB in the others), so a per-PS control flaked. Without
+    # a leak (the control saving through `manager.save`) every PS measures
+    # ~0.005 and this fails.
+    self.assertGreater(max(leaky), 10 * bound,
+                       f"PS MiB per eager save: {leaky}")
 
 if __name__ == "__main__":
   tf.test.main()
