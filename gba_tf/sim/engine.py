@@ -59,8 +59,10 @@ Example:
 >>> round(result.local_steps_per_s, 3)   # 2 workers / 0.1 s
 20.0
 >>> gba = simulate("gba", cluster, local_steps=200)
->>> gba.num_aggregate, int(gba.tau.max())  # M = 2; lock step: tau <= 1
-(2, 1)
+>>> # M = 2. The workers push in phase, both from the token of the step
+>>> # they join: no push is stale.
+>>> gba.num_aggregate, int(gba.tau.max())
+(2, 0)
 """
 
 import collections
