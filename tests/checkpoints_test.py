@@ -278,8 +278,8 @@ class CheckpointManagerTest(tf.test.TestCase):
     # The control: the same measure sees the eager leak. It is asserted
     # where TF puts most of it, the PS that grows most, and there 10x above
     # the bound: how the leak splits over the PS is TF's business, not this
-    # test's (one PS grows ~2.5 MiB per eager save; the other 0.19-0.27 in 3
-    # runs of 14, ~3 MiB in the others), so a per-PS control flaked. Without
+    # test's (one PS grows ~2.5 MiB per eager save; the other 0.19-0.27 in
+    # some runs, ~3 MiB in others), so a per-PS control flaked. Without
     # a leak (the control saving through `manager.save`) every PS measures
     # ~0.005 and this fails.
     self.assertGreater(max(leaky), 10 * bound,
