@@ -8,27 +8,20 @@ run; each must run at least one and fail none.
 
 import doctest
 import importlib
-import os
 
 from absl.testing import parameterized
 import gba_tf  # sets TF_USE_LEGACY_KERAS=1 before TensorFlow loads
 import tensorflow as tf
 
-_ROOT = os.path.dirname(os.path.abspath(gba_tf.__file__))
+from tests import testing_utils
 
 
 def _modules_with_examples():
   found = []
-  for folder, _, files in os.walk(_ROOT):
-    for name in sorted(files):
-      if not name.endswith(".py"):
-        continue
-      path = os.path.join(folder, name)
-      with open(path, encoding="utf-8") as f:
-        if ">>>" not in f.read():
-          continue
-      relative = os.path.relpath(path, os.path.dirname(_ROOT))
-      found.append(relative[:-len(".py")].replace(os.sep, "."))
+  for module_name, path in testing_utils.package_modules():
+    with open(path, encoding="utf-8") as f:
+      if ">>>" in f.read():
+        found.append(module_name)
   return sorted(found)
 
 

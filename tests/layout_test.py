@@ -16,17 +16,7 @@ import tensorflow as tf
 
 from tests import testing_utils
 
-_PACKAGE = os.path.join(testing_utils.ROOT, "gba_tf")
-
-
-def _modules():
-  """(dotted name, path) of every module under gba_tf/."""
-  for folder, _, files in os.walk(_PACKAGE):
-    for name in files:
-      if name.endswith(".py"):
-        path = os.path.join(folder, name)
-        rel = os.path.relpath(path, testing_utils.ROOT)[:-3]
-        yield rel.replace(os.sep, ".").removesuffix(".__init__"), path
+_PACKAGE = testing_utils.PACKAGE
 
 
 def imports_of(path):
@@ -76,7 +66,7 @@ def layering_violations(modules):
 class LayoutTest(tf.test.TestCase):
 
   def test_layers_depend_one_way(self):
-    modules = list(_modules())
+    modules = list(testing_utils.package_modules())
     # The walk finds the three layers (an empty walk would pass vacuously).
     self.assertContainsSubset(
         {"gba_tf.strategy", "gba_tf.switching.monitor",

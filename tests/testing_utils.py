@@ -18,6 +18,17 @@ import tensorflow as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILE = os.path.join(ROOT, "configs", "local_gba.cfg")
+PACKAGE = os.path.join(ROOT, "gba_tf")
+
+
+def package_modules():
+  """(dotted name, path) of every module under gba_tf/."""
+  for folder, _, files in os.walk(PACKAGE):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(folder, name)
+        rel = os.path.relpath(path, ROOT)[:-3]
+        yield rel.replace(os.sep, ".").removesuffix(".__init__"), path
 
 # Every unit test that needs servers shares this shape: 2 workers so that one
 # can be held while the other runs, 2 PS so that sharded variables really are
