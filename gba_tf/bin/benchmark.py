@@ -155,6 +155,11 @@ def define_flags():
       "The job settings every run starts from (relative: to the current "
       "directory, else to the source checkout of this package).")
   flags.DEFINE_string("name", None, "Output file stem; default by preset.")
+  flags.DEFINE_bool(
+      "resume", False, "--converge / --switching: keep the complete seeds "
+      "of <out_dir>/<name>.json, written by this command with the same job "
+      "arguments, and run the seeds after them (a long run stopped for time "
+      "or by a failure goes on where it stopped).")
 
 
 def _plan():
@@ -243,7 +248,7 @@ def _user_args():
   """This command's own flags, forwarded to every run (flagfile first)."""
   own = {"quick", "tiny", "ablation", "repeats", "modes", "conditions",
          "out_dir", "name", "base_flagfile", "converge", "datasets",
-         "switching", "paths"}
+         "switching", "paths", "resume"}
   return [a for a in sys.argv[1:]
           if a.lstrip("-").split("=")[0].removeprefix("no") not in own]
 
@@ -298,15 +303,82 @@ def _launch(train_args, mode, model_dir, log_path, label,
   return time.perf_counter() - start
 
 
+def case_args(condition, args, extra, repeat, flagfile):
+  """The job arguments of one case and repeat (seed)."""
+  straggler, _ = CONDITIONS[condition]
+  return ([f"--flagfile={flagfile}"] + extra + _user_args() + args +
+          [f"--straggler={straggler}", "--nocheckpoint_every_loop",
+           f"--seed={repeat}"])
+
+
+def _job(args):
+  """Job arguments as --resume compares them: the flagfile by its name, not
+  where it was (a run resumed from another checkout reads the same
+  configs/benchmark.cfg there)."""
+  return [f"--flagfile={os.path.basename(a.split('=', 1)[1])}"
+          if a.startswith("--flagfile=") else a for a in args]
+
+
+def resumed_rows(report, seeds, expected_args):
+  """The rows of `report` (a --converge / --switching JSON) to keep, and
+  the first seed left to run.
+
+  Keeps the seeds the report holds whole (`partial_seeds` of a run that
+  stopped, every seed of one that finished), up to `seeds`. Raises
+  ValueError naming the first kept run whose job arguments differ from
+  `expected_args(row)`, this command's for the same case and seed, since
+  pairing seeds of two different jobs would mean nothing.
+
+  Example:
+
+  >>> row = {"mode": "sync", "repeat": 0, "args": ["--seed=0"]}
+  >>> later = dict(row, repeat=1, args=["--seed=1"])
+  >>> report = {"partial_seeds": 1, "runs": [row, later]}
+  >>> rows, first = resumed_rows(report, 5, lambda r: r["args"])
+  >>> [r["repeat"] for r in rows], first
+  ([0], 1)
+  """
+  done = report.get("partial_seeds")
+  if done is None:
+    done = 1 + max((r["repeat"] for r in report["runs"]), default=-1)
+  done = min(done, seeds)
+  rows = [r for r in report["runs"] if r["repeat"] < done]
+  for row in rows:
+    expected = expected_args(row)
+    stored, expected = _job(row["args"]), _job(expected or [])
+    if not expected or stored != expected:
+      diff = sorted(set(stored) ^ set(expected))
+      raise ValueError(
+          f"Received: --resume with {report['name']}.json, whose seed "
+          f"{row['repeat']} ran other job arguments (differing: "
+          f"{' '.join(diff)}); run it without --resume, or with its command: "
+          f"{report['command']}")
+  return rows, done
+
+
+def _resume(name, seeds, expected_args):
+  """(rows, first seed, seconds already spent) of --resume; nothing to keep
+  without it. Raises ValueError naming a missing JSON or another job's."""
+  if not FLAGS.resume:
+    return [], 0, 0.0
+  path = os.path.join(FLAGS.out_dir, f"{name}.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"Received: --resume, and {path} does not exist.")
+  report = _read(path)
+  held = report.get("partial_seeds") or 1 + max(
+      (r["repeat"] for r in report["runs"]), default=-1)
+  rows, first = resumed_rows(report, seeds, expected_args)
+  print(f"resuming {path}: {first} complete seeds kept", flush=True)
+  # The time those seeds took, so that the JSON's seconds stay the whole
+  # run's.
+  return rows, first, report["seconds"] * first / max(held, 1)
+
+
 def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
              tag=""):
   """One job; returns its row for the JSON."""
-  straggler, _ = CONDITIONS[condition]
   model_dir = tempfile.mkdtemp(prefix=f"gba_bench_{condition}_{mode}_")
-  train_args = ([f"--flagfile={flagfile}"]
-                + extra + _user_args() + args +
-                [f"--straggler={straggler}", "--nocheckpoint_every_loop",
-                 f"--seed={repeat}"])
+  train_args = case_args(condition, args, extra, repeat, flagfile)
   log_path = os.path.join(log_dir,
                           f"{tag}{condition}-{mode}-r{repeat}.log")
   wall = _launch(train_args, args[0].split("=")[1], model_dir, log_path,
@@ -633,14 +705,25 @@ def plot_converge(rows, stem):
     plt.close(fig)
 
 
-def converge_main(name, cases, seeds, flagfile) -> int:
+def converge_args(cases, row, flagfile):
+  """The job arguments `cases` give `row`'s case and seed (None if none of
+  them is its case): what --resume compares a stored run with."""
+  for dataset, condition, mode, args, job in cases:
+    if (dataset, condition, mode) == (row["dataset"], row["condition"],
+                                      row["mode"]):
+      return case_args(condition, args, job, row["repeat"], flagfile)
+  return None
+
+
+def converge_main(name, cases, seeds, flagfile, resume) -> int:
   log_dir = _log_dir(name)
+  rows, first, spent = resume
   total = len(cases) * seeds
-  print(f"{name}: {len(cases)} cases x {seeds} seeds = {total} jobs; logs "
-        f"in {log_dir}", flush=True)
-  rows, start = [], time.perf_counter()
+  print(f"{name}: {len(cases)} cases x {seeds} seeds = {total} jobs "
+        f"({len(rows)} kept); logs in {log_dir}", flush=True)
+  start = time.perf_counter() - spent
   # Seed-major: drift in the machine's speed spreads over every case.
-  for seed in range(seeds):
+  for seed in range(first, seeds):
     for dataset, condition, mode, args, job in cases:
       # The dataset's job before this command's own flags, which can change
       # it (e.g. --train_steps); the mode's flags last.
@@ -705,7 +788,8 @@ def run_path(dataset, path, args, seed, log_dir, flagfile,
   model_dir = tempfile.mkdtemp(prefix=f"gba_switch_{path}_")
   # The user's flags after the dataset's, so that they can change the
   # budget (--train_steps) the legs are cut from.
-  base = [f"--flagfile={flagfile}"] + args + _user_args()
+  base = path_args([(dataset, path, args)],
+                   {"dataset": dataset, "path": path}, flagfile)
   legs = switch_paths.PATHS[path]
   total = int(_arg_value(base, "train_steps"))
   bounds = (switch_paths.leg_steps(total,
@@ -792,13 +876,23 @@ def switching_table(summary) -> str:
   return "\n".join(lines)
 
 
-def switching_main(name, cases, seeds, flagfile) -> int:
+def path_args(cases, row, flagfile):
+  """The base arguments `cases` give `row`'s path (None if none is its
+  path): what --resume compares a stored run with."""
+  for dataset, path, args in cases:
+    if (dataset, path) == (row["dataset"], row["path"]):
+      return [f"--flagfile={flagfile}"] + args + _user_args()
+  return None
+
+
+def switching_main(name, cases, seeds, flagfile, resume) -> int:
   log_dir = _log_dir(name)
+  rows, first, spent = resume
   total = len(cases) * seeds
-  print(f"{name}: {len(cases)} paths x {seeds} seeds = {total} jobs; logs "
-        f"in {log_dir}", flush=True)
-  rows, start = [], time.perf_counter()
-  for seed in range(seeds):
+  print(f"{name}: {len(cases)} paths x {seeds} seeds = {total} jobs "
+        f"({len(rows)} kept); logs in {log_dir}", flush=True)
+  start = time.perf_counter() - spent
+  for seed in range(first, seeds):
     # auto's straggler lasts as long as this seed's gba path took to finish
     # its first two legs (sync, then GBA with the straggler).
     first_two = {}
@@ -832,16 +926,24 @@ def main(argv):
   try:
     if FLAGS.converge and FLAGS.switching:
       raise ValueError("Received: --converge and --switching; run one.")
+    if FLAGS.resume and not (FLAGS.converge or FLAGS.switching):
+      raise ValueError("Received: --resume without --converge or "
+                       "--switching; only their seeds can be resumed.")
     plan = (_converge_plan() if FLAGS.converge else
             _switching_plan() if FLAGS.switching else _plan())
     flagfile = base_flagfile()
+    if FLAGS.converge or FLAGS.switching:
+      name, cases, seeds = plan
+      expected = converge_args if FLAGS.converge else path_args
+      resume = _resume(name, seeds,
+                       lambda row: expected(cases, row, flagfile))
   except ValueError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
   if FLAGS.converge:
-    return converge_main(*plan, flagfile)
+    return converge_main(*plan, flagfile, resume)
   if FLAGS.switching:
-    return switching_main(*plan, flagfile)
+    return switching_main(*plan, flagfile, resume)
   name, cases, repeats, extra = plan
   log_dir = _log_dir(name)
   total = len(cases) * repeats
