@@ -8,6 +8,7 @@ import sys
 
 import tensorflow as tf
 
+from gba_tf.bin import benchmark
 from gba_tf.launch import convergence
 from tests import testing_utils
 
@@ -179,6 +180,80 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
     for name in ("converge_tiny_auc.png", "converge_tiny_auc_wallclock.png"):
       with open(os.path.join(out, name), "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", name)
+
+    # --resume with the same command keeps both complete seeds and runs no
+    # job: the runs come back as they were (a rerun would measure other
+    # wall seconds) and the summary is recomputed from them.
+    proc = _benchmark(out, "--resume")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("2 complete seeds kept", proc.stdout)
+    with open(os.path.join(out, "converge_tiny.json")) as f:
+      resumed = json.load(f)
+    self.assertEqual(resumed["runs"], runs)
+    self.assertEqual(resumed["summary"], report["summary"])
+    # Another job's arguments: one line naming them, the JSON untouched.
+    proc = _benchmark(out, "--resume", "--learning_rate=0.5")
+    self.assertEqual(proc.returncode, 2, proc.stdout[-2000:])
+    error = proc.stderr.strip().splitlines()[-1]
+    self.assertIn("Received: --resume", error)
+    self.assertIn("--learning_rate=0.5", error)
+    with open(os.path.join(out, "converge_tiny.json")) as f:
+      self.assertEqual(json.load(f)["runs"], runs)
+
+
+def _benchmark(out, *args):
+  """`gba-benchmark --converge --tiny` writing to `out`."""
+  return subprocess.run(
+      [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                    "benchmark.py"),
+       "--converge", "--tiny", f"--out_dir={out}", *args],
+      cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=600,
+      check=False)
+
+
+class ResumedRowsTest(tf.test.TestCase):
+  """`benchmark.resumed_rows`: which stored seeds --resume keeps."""
+
+  def _report(self, seeds, partial=None, flagfile="/a/configs/b.cfg"):
+    runs = [{"mode": m, "repeat": r,
+             "args": [f"--flagfile={flagfile}", f"--mode={m}", f"--seed={r}"]}
+            for r in range(seeds) for m in ("sync", "gba")]
+    report = {"name": "converge", "command": "benchmark.py --converge",
+              "runs": runs}
+    if partial is not None:
+      report["partial_seeds"] = partial
+    return report
+
+  @staticmethod
+  def _expected(row):
+    return ["--flagfile=/b/configs/b.cfg", f"--mode={row['mode']}",
+            f"--seed={row['repeat']}"]
+
+  def test_keeps_complete_seeds_only(self):
+    # A run stopped in its third seed: 2 complete, the third's sync run
+    # stored only in memory, not counted.
+    report = self._report(3, partial=2)
+    rows, first = benchmark.resumed_rows(report, 5, self._expected)
+    self.assertEqual(first, 2)
+    self.assertEqual(sorted({r["repeat"] for r in rows}), [0, 1])
+    self.assertLen(rows, 4)
+    # A finished run of 3 seeds resumed to 2: nothing left to run.
+    rows, first = benchmark.resumed_rows(self._report(3), 2, self._expected)
+    self.assertEqual((len(rows), first), (4, 2))
+    # Another checkout's flagfile of the same name is the same job.
+    rows, first = benchmark.resumed_rows(self._report(3), 5, self._expected)
+    self.assertEqual((len(rows), first), (6, 3))
+
+  def test_other_job_arguments_are_one_line(self):
+    def expected(row):
+      return self._expected(row) + ["--learning_rate=0.5"]
+    with self.assertRaisesRegex(ValueError, r"Received: --resume .* seed 0 "
+                                r"ran other job arguments \(differing: "
+                                r"--learning_rate=0.5\)"):
+      benchmark.resumed_rows(self._report(2), 5, expected)
+    # A stored case this command does not run at all.
+    with self.assertRaisesRegex(ValueError, "Received: --resume"):
+      benchmark.resumed_rows(self._report(2), 5, lambda row: None)
 
 
 if __name__ == "__main__":
