@@ -142,6 +142,8 @@ _CASES = [
     ("flags_learning_rate", lambda: _job_config("--learning_rate=-0.1"),
      "--learning_rate=-0.1"),
     ("flags_step_ms", lambda: _job_config("--step_ms=-5"), "--step_ms=-5.0"),
+    ("flags_vocab_per_field", lambda: _job_config("--vocab_per_field=0"),
+     "--vocab_per_field=0"),
     ("flags_decay_rate", lambda: _job_config("--decay_rate=1.5"),
      "decay_rate=1.5"),
     ("flags_global_not_divisible_by_sync_workers",

@@ -12,7 +12,9 @@ from absl.testing import parameterized
 import tensorflow as tf
 
 from gba_tf.launch import flags as gba_flags
+from gba_tf.data import synthetic
 from gba_tf.launch import job_config
+from gba_tf.launch import job_data
 from gba_tf.launch import tasks
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +85,18 @@ class JobConfigFromFlagsTest(parameterized.TestCase):
     self.assertEqual(zero.gba.name, "bounded_staleness")
     default = self._config("--preset=bounded_staleness")
     self.assertEqual(default.gba.max_staleness, 4)
+
+  def test_vocab_per_field_sizes_the_synthetic_data(self):
+    self.assertEqual(self._config().vocab_per_field, 12_500)
+    config = self._config("--vocab_per_field=500", "--train_examples=3000",
+                          "--test_examples=1000")
+    data = job_data.load_data(config)
+    # 8 fields x 500 ids; every field's ids are its own range.
+    self.assertEqual(data.vocab_size, 4_000)
+    self.assertLess(data.train_ids.max(), 4_000)
+    self.assertEqual(set(data.train_ids[:, 1] // 500), {1})
+    self.assertEqual(data.best_auc, synthetic.SyntheticCTR(
+        vocab_per_field=500, seed=0).best_auc())
 
   def test_normalize_flag_reaches_the_gba_config(self):
     self.assertEqual(self._config().gba.normalize, "global_batch")

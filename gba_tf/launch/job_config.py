@@ -43,6 +43,7 @@ class JobConfig:
   model: str
   dataset: str
   embedding_dim: int
+  vocab_per_field: int
   train_examples: int
   test_examples: int
   eval_examples: int
@@ -96,6 +97,7 @@ def config_from_flags(task: tasks.TaskConfig,
   f = gba_flags.FLAGS
   for name in ("workers", "local_batch_size", "train_steps",
                "steps_per_loop", "learning_rate", "embedding_dim",
+               "vocab_per_field",
                "train_examples", "test_examples", "health_check_steps",
                "health_window", "health_slow_ratio"):
     _positive(name, f[name].value)
@@ -150,6 +152,7 @@ def config_from_flags(task: tasks.TaskConfig,
       train_steps=f.train_steps, steps_per_loop=f.steps_per_loop,
       optimizer=f.optimizer, learning_rate=f.learning_rate, model=f.model,
       dataset=f.dataset, embedding_dim=f.embedding_dim,
+      vocab_per_field=f.vocab_per_field,
       train_examples=f.train_examples, test_examples=f.test_examples,
       eval_examples=f.eval_examples,
       checkpoint_every_loop=f.checkpoint_every_loop,

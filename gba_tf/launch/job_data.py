@@ -32,7 +32,8 @@ def load_data(config: job_config.JobConfig) -> JobData:
         :config.test_examples], ml.test_labels[:config.test_examples],
                  ml.num_fields, ml.vocab_size, None)
   else:
-    gen = synthetic.SyntheticCTR(seed=config.seed)
+    gen = synthetic.SyntheticCTR(vocab_per_field=config.vocab_per_field,
+                                 seed=config.seed)
     train_ids, train_labels = gen.sample(config.train_examples, seed=1)
     test_ids, test_labels = gen.sample(config.test_examples, seed=3)
     data = JobData(train_ids, train_labels, test_ids, test_labels,
