@@ -98,9 +98,17 @@ ABLATION = {
 # of leaving a shard of its own under-sampled; ten evaluations give the
 # curve whose last 20% decides the plateau (gba_tf.launch.convergence).
 CONVERGE = {
+    # DCN-v2 on 8 fields x 100 ids (best AUC 0.865), 1M distinct examples
+    # so that 2.6 passes do not overfit (the first job, 12,500 ids and
+    # 50,000 examples, overfit while AUC still rose, at 0.73 of 0.87).
+    # One process on the same global batch: test AUC 0.8539 / 0.8558 /
+    # 0.8562, logloss 0.4700 / 0.4683 / 0.4711 with Adagrad 0.5 / 1.0 /
+    # 2.0 at 2,500 steps, so the benchmark's 1.0 stays sync's tuning;
+    # held-out AUC gained 0.0029 over the last 20% of those steps.
     "synthetic": ["--dataset=synthetic", "--model=dcn",
-                  "--train_examples=50000", "--train_steps=300",
-                  "--steps_per_loop=30", "--step_ms=20"],
+                  "--vocab_per_field=100", "--train_examples=1000000",
+                  "--train_steps=2500", "--steps_per_loop=125",
+                  "--step_ms=20"],
     # Sync's held-out AUC plateaus here: one process on the same global
     # batch (1024, Adagrad 1.0) measured 0.764 at 300 steps, 0.777 at 700,
     # 0.780 at 800 and at 1,000 (12.8 passes over the 80,000 ratings).
