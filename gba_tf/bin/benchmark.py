@@ -95,8 +95,9 @@ ABLATION = {
 # --converge: per dataset, the job each seed runs in every mode and
 # condition (on top of the benchmark flagfile). Every run draws from one
 # shared stream (--input=shared), so a straggler takes fewer batches instead
-# of leaving a shard of its own under-sampled; ten evaluations give the
-# curve whose last 20% decides the plateau (gba_tf.launch.convergence).
+# of leaving a shard of its own under-sampled; an evaluation after every
+# loop (20 per job) gives the curve whose last 20% decides the plateau
+# (gba_tf.launch.convergence).
 CONVERGE = {
     # DCN-v2 on 8 fields x 100 ids (best AUC 0.865), 1M distinct examples
     # so that 2.6 passes do not overfit (the first job, 12,500 ids and
@@ -352,8 +353,7 @@ def resumed_rows(report, seeds, expected_args):
   done = min(done, seeds)
   rows = [r for r in report["runs"] if r["repeat"] < done]
   for row in rows:
-    expected = expected_args(row)
-    stored, expected = _job(row["args"]), _job(expected or [])
+    stored, expected = _job(row["args"]), _job(expected_args(row) or [])
     if not expected or stored != expected:
       diff = sorted(set(stored) ^ set(expected))
       raise ValueError(
