@@ -11,8 +11,8 @@ from absl import flags
 from absl.testing import parameterized
 import tensorflow as tf
 
-from gba_tf.launch import flags as gba_flags
 from gba_tf.data import synthetic
+from gba_tf.launch import flags as gba_flags
 from gba_tf.launch import job_config
 from gba_tf.launch import job_data
 from gba_tf.launch import tasks

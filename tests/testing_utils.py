@@ -30,6 +30,7 @@ def package_modules():
         rel = os.path.relpath(path, ROOT)[:-3]
         yield rel.replace(os.sep, ".").removesuffix(".__init__"), path
 
+
 # Every unit test that needs servers shares this shape: 2 workers so that one
 # can be held while the other runs, 2 PS so that sharded variables really are
 # split across PS tasks.

@@ -328,6 +328,15 @@ def _job(args):
           if a.startswith("--flagfile=") else a for a in args]
 
 
+def _complete_seeds(report) -> int:
+  """Seeds a --converge / --switching JSON holds whole: `partial_seeds` of a
+  run that stopped, every seed of one that finished."""
+  done = report.get("partial_seeds")
+  if done is None:
+    done = 1 + max((r["repeat"] for r in report["runs"]), default=-1)
+  return done
+
+
 def resumed_rows(report, seeds, expected_args):
   """The rows of `report` (a --converge / --switching JSON) to keep, and
   the first seed left to run.
@@ -347,10 +356,7 @@ def resumed_rows(report, seeds, expected_args):
   >>> [r["repeat"] for r in rows], first
   ([0], 1)
   """
-  done = report.get("partial_seeds")
-  if done is None:
-    done = 1 + max((r["repeat"] for r in report["runs"]), default=-1)
-  done = min(done, seeds)
+  done = min(_complete_seeds(report), seeds)
   rows = [r for r in report["runs"] if r["repeat"] < done]
   for row in rows:
     stored, expected = _job(row["args"]), _job(expected_args(row) or [])
@@ -373,13 +379,12 @@ def _resume(name, seeds, expected_args):
   if not os.path.isfile(path):
     raise ValueError(f"Received: --resume, and {path} does not exist.")
   report = _read(path)
-  held = report.get("partial_seeds") or 1 + max(
-      (r["repeat"] for r in report["runs"]), default=-1)
   rows, first = resumed_rows(report, seeds, expected_args)
   print(f"resuming {path}: {first} complete seeds kept", flush=True)
   # The time those seeds took, so that the JSON's seconds stay the whole
   # run's.
-  return rows, first, report["seconds"] * first / max(held, 1)
+  return rows, first, report["seconds"] * first / max(
+      _complete_seeds(report), 1)
 
 
 def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
@@ -789,15 +794,20 @@ def _switching_plan():
   return FLAGS.name or "switching", cases, seeds
 
 
+def path_base_args(args, flagfile):
+  """The arguments every leg of a switching path shares (each leg adds its
+  mode, steps, straggler and seed)."""
+  # The user's flags after the dataset's, so that they can change the
+  # budget (--train_steps) the legs are cut from.
+  return [f"--flagfile={flagfile}"] + args + _user_args()
+
+
 def run_path(dataset, path, args, seed, log_dir, flagfile,
              straggler_seconds=0.0):
   """One seed of one switching path: its legs, each a launch resuming the
   last one's checkpoint in one model directory. Returns its row."""
   model_dir = tempfile.mkdtemp(prefix=f"gba_switch_{path}_")
-  # The user's flags after the dataset's, so that they can change the
-  # budget (--train_steps) the legs are cut from.
-  base = path_args([(dataset, path, args)],
-                   {"dataset": dataset, "path": path}, flagfile)
+  base = path_base_args(args, flagfile)
   legs = switch_paths.PATHS[path]
   total = int(_arg_value(base, "train_steps"))
   bounds = (switch_paths.leg_steps(total,
@@ -889,7 +899,7 @@ def path_args(cases, row, flagfile):
   path): what --resume compares a stored run with."""
   for dataset, path, args in cases:
     if (dataset, path) == (row["dataset"], row["path"]):
-      return [f"--flagfile={flagfile}"] + args + _user_args()
+      return path_base_args(args, flagfile)
   return None
 
 
