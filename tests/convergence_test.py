@@ -181,16 +181,33 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
       with open(os.path.join(out, name), "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", name)
 
-    # --resume with the same command keeps both complete seeds and runs no
+    # --resume with the same command keeps all four runs and runs no
     # job: the runs come back as they were (a rerun would measure other
     # wall seconds) and the summary is recomputed from them.
     proc = _benchmark(out, "--resume")
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    self.assertIn("2 complete seeds kept", proc.stdout)
+    self.assertIn("4 runs kept", proc.stdout)
     with open(os.path.join(out, "converge_tiny.json")) as f:
       resumed = json.load(f)
     self.assertEqual(resumed["runs"], runs)
     self.assertEqual(resumed["summary"], report["summary"])
+    # A JSON that lacks one run (here: GBA's seed 1, as if --modes had not
+    # named it): --resume runs that one job only and keeps the other three.
+    missing = [r for r in runs if (r["mode"], r["repeat"]) != ("gba", 1)]
+    with open(os.path.join(out, "converge_tiny.json"), "w") as f:
+      json.dump(dict(report, runs=missing), f)
+    proc = _benchmark(out, "--resume")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("3 runs kept", proc.stdout)
+    self.assertEqual(proc.stdout.count("test AUC"), 1, proc.stdout)
+    with open(os.path.join(out, "converge_tiny.json")) as f:
+      added = json.load(f)["runs"]
+    self.assertEqual(added[:3], missing)
+    self.assertEqual((added[3]["mode"], added[3]["repeat"]), ("gba", 1))
+    self.assertEqual(added[3]["args"],
+                     next(r["args"] for r in runs
+                          if (r["mode"], r["repeat"]) == ("gba", 1)))
+    runs = added
     # Another job's arguments: one line naming them, the JSON untouched.
     proc = _benchmark(out, "--resume", "--learning_rate=0.5")
     self.assertEqual(proc.returncode, 2, proc.stdout[-2000:])
@@ -243,6 +260,27 @@ class ResumedRowsTest(tf.test.TestCase):
     # Another checkout's flagfile of the same name is the same job.
     rows, first = benchmark.resumed_rows(self._report(3), 5, self._expected)
     self.assertEqual((len(rows), first), (6, 3))
+
+  def test_converge_keeps_every_stored_run(self):
+    # --converge (whole_seeds=False): a run stopped after 2 of 3 seeds
+    # keeps all 6 runs it stored, even those of the unfinished seed's
+    # cases, and starts again at seed 0 (skipping what it holds).
+    report = self._report(3, partial=2)
+    rows, first = benchmark.resumed_rows(report, 5, self._expected,
+                                         whole_seeds=False)
+    self.assertEqual((len(rows), first), (6, 0))
+    # Resumed to 2 seeds: the runs of seed 2 are not this command's.
+    rows, first = benchmark.resumed_rows(report, 2, self._expected,
+                                         whole_seeds=False)
+    self.assertEqual(sorted((r["mode"], r["repeat"]) for r in rows),
+                     [("gba", 0), ("gba", 1), ("sync", 0), ("sync", 1)])
+    # A stored case this command does not run: one line naming it.
+    def without_gba(row):
+      return None if row["mode"] == "gba" else self._expected(row)
+    with self.assertRaisesRegex(
+        ValueError, r"Received: --resume with converge.json, which holds a "
+        r"run \(gba, seed 0\) this command does not run"):
+      benchmark.resumed_rows(report, 5, without_gba, whole_seeds=False)
 
   def test_other_job_arguments_are_one_line(self):
     def expected(row):

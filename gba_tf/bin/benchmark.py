@@ -165,10 +165,12 @@ def define_flags():
       "directory, else to the source checkout of this package).")
   flags.DEFINE_string("name", None, "Output file stem; default by preset.")
   flags.DEFINE_bool(
-      "resume", False, "--converge / --switching: keep the complete seeds "
-      "of <out_dir>/<name>.json, written by this command with the same job "
-      "arguments, and run the seeds after them (a long run stopped for time "
-      "or by a failure goes on where it stopped).")
+      "resume", False, "--converge / --switching: keep the runs of "
+      "<out_dir>/<name>.json, written with the same job arguments, and run "
+      "only what it lacks (a long run stopped for time or by a failure goes "
+      "on where it stopped). --converge keeps every stored run of a case "
+      "this command runs, so that more modes or seeds can be added to a "
+      "finished run; --switching keeps whole seeds.")
 
 
 def _plan():
@@ -337,15 +339,21 @@ def _complete_seeds(report) -> int:
   return done
 
 
-def resumed_rows(report, seeds, expected_args):
+def resumed_rows(report, seeds, expected_args, whole_seeds=True):
   """The rows of `report` (a --converge / --switching JSON) to keep, and
   the first seed left to run.
 
-  Keeps the seeds the report holds whole (`partial_seeds` of a run that
-  stopped, every seed of one that finished), up to `seeds`. Raises
-  ValueError naming the first kept run whose job arguments differ from
-  `expected_args(row)`, this command's for the same case and seed, since
-  pairing seeds of two different jobs would mean nothing.
+  With `whole_seeds` (--switching, whose auto path depends on the gba path
+  of its seed), keeps the seeds the report holds whole (`partial_seeds` of
+  a run that stopped, every seed of one that finished), up to `seeds`.
+  Without it (--converge, whose runs are independent jobs), keeps every
+  stored run of a seed below `seeds`, and the first seed left is 0: the
+  command runs only the (case, seed) runs the JSON lacks, so that a mode
+  or a seed can be added to a finished run. Raises ValueError naming the
+  first kept run whose job arguments differ from `expected_args(row)`,
+  this command's for the same case and seed (None: a case this command
+  does not run), since pairing seeds of two different jobs would mean
+  nothing.
 
   Example:
 
@@ -355,22 +363,38 @@ def resumed_rows(report, seeds, expected_args):
   >>> rows, first = resumed_rows(report, 5, lambda r: r["args"])
   >>> [r["repeat"] for r in rows], first
   ([0], 1)
+  >>> rows, first = resumed_rows(report, 5, lambda r: r["args"],
+  ...                            whole_seeds=False)
+  >>> [r["repeat"] for r in rows], first
+  ([0, 1], 0)
   """
-  done = min(_complete_seeds(report), seeds)
+  if whole_seeds:
+    done = min(_complete_seeds(report), seeds)
+  else:
+    done = seeds
   rows = [r for r in report["runs"] if r["repeat"] < done]
   for row in rows:
-    stored, expected = _job(row["args"]), _job(expected_args(row) or [])
-    if not expected or stored != expected:
+    expected = expected_args(row)
+    if expected is None:
+      case = " ".join(str(row[k]) for k in ("dataset", "condition", "mode",
+                                            "path") if row.get(k))
+      raise ValueError(
+          f"Received: --resume with {report['name']}.json, which holds a "
+          f"run ({case}, seed {row['repeat']}) this command does not run; "
+          f"name its mode and condition too, or run without --resume. "
+          f"Its command: {report['command']}")
+    stored, expected = _job(row["args"]), _job(expected)
+    if stored != expected:
       diff = sorted(set(stored) ^ set(expected))
       raise ValueError(
           f"Received: --resume with {report['name']}.json, whose seed "
           f"{row['repeat']} ran other job arguments (differing: "
           f"{' '.join(diff)}); run it without --resume, or with its command: "
           f"{report['command']}")
-  return rows, done
+  return rows, (done if whole_seeds else 0)
 
 
-def _resume(name, seeds, expected_args):
+def _resume(name, seeds, expected_args, whole_seeds):
   """(rows, first seed, seconds already spent) of --resume; nothing to keep
   without it. Raises ValueError naming a missing JSON or another job's."""
   if not FLAGS.resume:
@@ -379,12 +403,13 @@ def _resume(name, seeds, expected_args):
   if not os.path.isfile(path):
     raise ValueError(f"Received: --resume, and {path} does not exist.")
   report = _read(path)
-  rows, first = resumed_rows(report, seeds, expected_args)
-  print(f"resuming {path}: {first} complete seeds kept", flush=True)
-  # The time those seeds took, so that the JSON's seconds stay the whole
+  rows, first = resumed_rows(report, seeds, expected_args, whole_seeds)
+  print(f"resuming {path}: {len(rows)} runs kept"
+        + (f" ({first} complete seeds)" if whole_seeds else ""), flush=True)
+  # The time those runs took, so that the JSON's seconds stay the whole
   # run's.
-  return rows, first, report["seconds"] * first / max(
-      _complete_seeds(report), 1)
+  return rows, first, report["seconds"] * len(rows) / max(
+      len(report["runs"]), 1)
 
 
 def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
@@ -730,14 +755,19 @@ def converge_args(cases, row, flagfile):
 
 def converge_main(name, cases, seeds, flagfile, resume) -> int:
   log_dir = _log_dir(name)
-  rows, first, spent = resume
+  rows, _, spent = resume
+  # Runs --resume kept: their (case, seed) is not run again.
+  kept = {(r["dataset"], r["condition"], r["mode"], r["repeat"])
+          for r in rows}
   total = len(cases) * seeds
   print(f"{name}: {len(cases)} cases x {seeds} seeds = {total} jobs "
         f"({len(rows)} kept); logs in {log_dir}", flush=True)
   start = time.perf_counter() - spent
   # Seed-major: drift in the machine's speed spreads over every case.
-  for seed in range(first, seeds):
+  for seed in range(seeds):
     for dataset, condition, mode, args, job in cases:
+      if (dataset, condition, mode, seed) in kept:
+        continue
       # The dataset's job before this command's own flags, which can change
       # it (e.g. --train_steps); the mode's flags last.
       row = run_case(condition, mode, args, job, seed, log_dir, flagfile,
@@ -750,7 +780,8 @@ def converge_main(name, cases, seeds, flagfile, resume) -> int:
             f"{row['wall_seconds']:5.1f} s wall "
             f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
     if seed + 1 < seeds:
-      # A long run that dies keeps its complete seeds.
+      # A long run that dies keeps the runs done so far (--resume runs the
+      # rest).
       _write_json(name, start, summarize_converge(rows), rows,
                   partial_seeds=seed + 1)
   summary = summarize_converge(rows)
@@ -954,7 +985,8 @@ def main(argv):
       name, cases, seeds = plan
       expected = converge_args if FLAGS.converge else path_args
       resume = _resume(name, seeds,
-                       lambda row: expected(cases, row, flagfile))
+                       lambda row: expected(cases, row, flagfile),
+                       whole_seeds=FLAGS.switching)
   except ValueError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
