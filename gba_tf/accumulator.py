@@ -12,11 +12,12 @@ on is scalar, on the first PS task:
 1. Stage: each gradient moves to its shard's PS task, which checks that it
    is finite. A gradient with a NaN or Inf is rejected whole and counted
    (`nonfinite`, within `dropped`); it takes no ticket.
-2. Ticket: a finite push dequeues a ticket from a FIFO queue on the first PS
-   task. Ticket `t` is the push's place in the global order: it joins global
+2. Ticket: a finite push dequeues a ticket from a queue on the first PS
+   task, smallest ticket first. Ticket `t` is the push's place in the global order: it joins global
    step `s = t // M`, so `tau = s - token` and the weight `f(tau)` are known
    from the ticket alone (a lookup in `StalenessPolicy.weight_table()`). A
-   dropped push (tau > max_staleness) puts its ticket back. The queue holds
+   dropped push (tau > max_staleness) puts its ticket back, and it is the
+   next one handed out (see `_Tickets`). The queue holds
    the tickets of two global steps; the tickets of step `s + 2` are queued
    only once step `s` is applied, so at most two steps are ever open.
 3. Add: on each shard, the weighted gradient is added into buffer `s % 2` of
@@ -290,9 +291,7 @@ class GradientAggregator:
     with tf.device(device):
       self._schedule = tf.Variable(tf.zeros([4], tf.int64), trainable=False,
                                    name="gba_schedule")
-      self._tickets = tf.queue.FIFOQueue(
-          schedule.OPEN_STEPS * m, tf.int64, shapes=[[]],
-          name="gba_tickets")
+      self._tickets = _Tickets(schedule.OPEN_STEPS * m)
       # exclusive_resource_access=False: the global step guarded here is
       # also read, lock-free, by every worker's token read.
       self._lock = tf.CriticalSection(name="gba_schedule_lock")
@@ -319,8 +318,8 @@ class GradientAggregator:
     self._applier = None
     # Tickets of the first two global steps (no device scope: an eager
     # queue op runs where the queue lives).
-    self._tickets.enqueue_many(
-        tf.range(*schedule.initial_tickets(m), dtype=tf.int64))
+    self._tickets.put(tf.range(*schedule.initial_tickets(m),
+                               dtype=tf.int64))
 
   def _slot(self, var, grad) -> _Slot:
     key = id(var)
@@ -457,7 +456,7 @@ class GradientAggregator:
       # of 0 elements instead is a no-op that returns at once: a rejected
       # push dequeues no ticket (and gets -1).
       with tf.control_dependencies([arrive_time] if traced else []):
-        ticket = _dequeue_if(self._tickets, finite, -1)
+        ticket = self._tickets.take_if(finite, -1)
       ticket_time = _time_after(ticket) if traced else None
       # A rejected push has no ticket; its tau (for the histogram) is
       # measured against the global step.
@@ -469,8 +468,8 @@ class GradientAggregator:
       accepted = tf.logical_and(finite, self._tables.accepts(tau, _TF_OPS))
 
       # A dropped push puts its ticket back (an empty enqueue otherwise).
-      returned = _enqueue_if(self._tickets, ticket,
-                             tf.logical_and(finite, tf.logical_not(accepted)))
+      returned = self._tickets.put_if(
+          ticket, tf.logical_and(finite, tf.logical_not(accepted)))
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
           finite)
@@ -619,8 +618,7 @@ class GradientAggregator:
         # one landing short until the stall watchdog re-issued a ticket,
         # and the lost push's gradient went into it as well).
         with tf.control_dependencies([more, following]):
-          refill = self._tickets.enqueue_many(
-              tf.range(*schedule.refill(step, m)))
+          refill = self._tickets.put(tf.range(*schedule.refill(step, m)))
     with tf.control_dependencies([refill]):
       return tf.identity(more), tf.identity(following)
 
@@ -695,7 +693,7 @@ class GradientAggregator:
         finish(tf.constant(observed[1], tf.int64))
     tickets = [step * m + i for step, n in action.reissue for i in range(n)]
     if tickets:
-      self._tickets.enqueue_many(tf.constant(tickets, tf.int64))
+      self._tickets.put(tf.constant(tickets, tf.int64))
     return True
 
   def _land(self, parity, landed):
@@ -778,6 +776,51 @@ def _after_update(var):
     if var.shape.rank == 0:
       return var.read_value()
     return var.sparse_read([0])
+
+
+class _Tickets:
+  """The ticket queue on the first PS task: smallest ticket first.
+
+  A `PriorityQueue` keyed by the ticket, not a FIFO, so that a ticket put
+  back by a dropped push (or re-issued by the stall watchdog) is the next
+  one handed out, ahead of the later step's tickets already queued. Behind
+  them, as in a FIFO, it left its step open while the next pushes, computed
+  on the current parameters, drew the later step's tickets: one step staler
+  than they were, so decayed, or dropped by a preset that drops tau > 0
+  (which put back their tickets in turn). With 4 workers and a 1/4-speed
+  straggler, the `backup_workers` preset dropped 56-62% of its pushes.
+
+  Without drops or re-issues the order is the FIFO's: tickets are queued in
+  increasing order. TF's PriorityQueue needs a value besides the priority:
+  the ticket again.
+
+  Args:
+    capacity: tickets the queue holds (those of the open steps).
+  """
+
+  def __init__(self, capacity: int):
+    self._queue = tf.queue.PriorityQueue(capacity, [tf.int64], shapes=[[]],
+                                         name="gba_tickets")
+
+  def put(self, tickets):
+    """Enqueues an int64 vector of tickets."""
+    return self._queue.enqueue_many([tickets, tickets])
+
+  def put_if(self, ticket, keep):
+    """Puts the scalar `ticket` back if `keep` (1 or 0 elements, no branch:
+    see `GradientAggregator.push`)."""
+    kept = tf.reshape(ticket, [1])[:tf.cast(keep, tf.int32)]
+    return self._queue.enqueue_many([kept, kept])
+
+  def take_if(self, take, otherwise):
+    """The smallest ticket if `take` (waiting while none is left), else
+    `otherwise` at once."""
+    taken = self._queue.dequeue_many(tf.cast(take, tf.int32))[0]
+    return tf.concat([taken, tf.reshape(tf.cast(otherwise, tf.int64), [1])],
+                     0)[0]
+
+  def size(self):
+    return self._queue.size()
 
 
 def _enqueue_if(queue, value, keep):

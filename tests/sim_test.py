@@ -123,6 +123,26 @@ class EngineTest(tf.test.TestCase):
     self.assertGreater(int(np.sum(~result.accepted)), 0)
     self.assertTrue(np.all(result.accepted[result.worker != 3]))
 
+  def test_a_dropped_ticket_goes_to_the_next_push(self):
+    # Backup workers: M = 3 of 4, tau > 0 dropped. Workers 0-2 take 10 ms,
+    # worker 3 50 ms; no other cost. The fast three push together with the
+    # token of the open step and make each step (tau 0). Every 5th step the
+    # straggler's gradient arrives about 5 steps late (its 50 ms span five
+    # steps of 10 ms) and is dropped; its ticket,
+    # given back, is the smallest in the queue, so the next fast push takes
+    # it, for the step its token names. So only the straggler's gradients
+    # are dropped. (Given back behind the next step's tickets, as a FIFO
+    # did, it sent one fast push per drop to the step after its token's:
+    # tau 1, dropped, its ticket given back behind again; 20% of the fast
+    # workers' gradients were dropped.)
+    result = engine.simulate("backup_workers",
+                             _cluster([0.01, 0.01, 0.01, 0.05]), 2000)
+    fast = result.worker != 3
+    self.assertTrue(np.all(result.accepted[fast]))
+    self.assertTrue(np.all(result.tau[fast] == 0))
+    self.assertFalse(np.any(result.accepted[~fast]))
+    self.assertTrue(np.all(result.tau[~fast] >= 4))
+
   def test_every_global_step_aggregates_exactly_m(self):
     cluster = engine.ClusterModel(
         num_workers=8, compute=timing.ComputeModel(

@@ -193,19 +193,24 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     self.assertEqual(sorted(m["worker_pushed"]), [2, 11])
     self.assertEqual(sorted(m["worker_dropped"]), [0, 1])
 
-    # The dropped push took ticket 12 (step 6) and put it back behind 13,
-    # 14, 15. It added nothing to step 6: F2 (ticket 13) and F5 (ticket 12)
-    # make step 6 with tau 0; F3 and F4 (tickets 14, 15, token 6) make step
-    # 7 with tau 1, f = 0.5. One at a time: the tickets go in that order.
+    # The dropped push took ticket 12 (step 6) and put it back: the queue
+    # holds 12, 13 (step 6) and 14, 15 (step 7), and hands out the smallest
+    # first. It added nothing to step 6. One push at a time: F2 and F3
+    # (token 6) take 12 and 13 and make step 6 with tau 0; F4 and F5 (token
+    # 7) take 14 and 15 and make step 7 with tau 0. (Put back behind 13, 14,
+    # 15, as a FIFO did, ticket 12 went to F5: F3 and F4, computed on step
+    # 6's parameters, made step 7 with tau 1 and were decayed to 0.5.)
+    decayed = m["decayed"]
     for push in (F2, F3, F4, F5):
       h.run(push)
-    w6, e6 = delta((1, F2), (1, F5))
-    w7, e7 = delta((0.5, F3), (0.5, F4))
+    w6, e6 = delta((1, F2), (1, F3))
+    w7, e7 = delta((1, F4), (1, F5))
     self.assertAllClose(h.params(), (before[0] + w6 + w7,
                                      before[1] + e6 + e7))
     m = strategy.gba_metrics()
     self.assertEqual((m["pushed"], m["applied"], m["dropped"], m["pending"],
-                      m["global_steps"]), (17, 16, 1, 0, 8))
+                      m["global_steps"], m["decayed"]),
+                     (17, 16, 1, 0, 8, decayed))
 
   def test_normalize_by_weights_divides_by_the_sum_of_weights(self):
     # The first three steps of the test above, with normalize="weights":

@@ -18,11 +18,11 @@ One local step of a PS mode, as the runtime runs it:
    batch computes on the token it read before the wait, as TF runs the two
    reads concurrently. It computes for `ComputeModel.sample()` seconds;
 2. its push travels `rpc_s` to the parameter servers;
-3. `gba`: it takes the next ticket (a FIFO; it waits while both open steps'
-   tickets are out), adds its weighted gradient on every shard
-   (`add_s / num_ps` of each shard's time, the shards in parallel; then
-   `land_s` of latency) and lands in the scalar section on the first PS
-   (`serial_s`); the landing that
+3. `gba`: it takes the smallest ticket left (it waits while both open
+   steps' tickets are out; a dropped push's ticket goes back), adds its
+   weighted gradient on every shard (`add_s / num_ps` of each shard's
+   time, the shards in parallel; then `land_s` of latency) and lands in
+   the scalar section on the first PS (`serial_s`); the landing that
    completes a step, once the step before is applied, applies it on every
    shard (`apply_s / num_ps` each) and finishes it in the scalar section
    (`serial_s`), chaining steps that completed meanwhile.
@@ -363,9 +363,10 @@ class _PSSimulation:
     self.serial_busy = 0.0
     # The shards' two queues (applies, adds), a time each: see `_shards`.
     self.shard_free = {"apply": 0.0, "add": 0.0}
-    # The runtime's state: the ticket FIFO, landings per open step, the
-    # next step to apply and whether an apply is claimed, the global step.
-    self.tickets = collections.deque(range(*schedule.initial_tickets(self.m)))
+    # The runtime's state: the tickets (a heap: smallest first, as the
+    # runtime's queue), landings per open step, the next step to apply and
+    # whether an apply is claimed, the global step.
+    self.tickets = list(range(*schedule.initial_tickets(self.m)))
     self.waiting = collections.deque()  # pushes waiting for a ticket
     self.landed = collections.defaultdict(int)
     self.next_step = 0
@@ -515,27 +516,33 @@ class _PSSimulation:
     self._serve_waiting(t)
 
   def _serve_waiting(self, t):
-    """Hands tickets to waiting pushes, first come first served. A dropped
-    push gives its ticket back, to the next in line."""
+    """Hands tickets to waiting pushes, first come first served, smallest
+    ticket first. A dropped push gives its ticket back, to the next in
+    line."""
     take = self._locked_push if self.mode == "gba_lock" else self._ticketed
     while self.waiting and self.tickets:
       take(t, self.waiting.popleft())
 
+  def _refill(self, step):
+    """Queues the tickets of `step + 2` (`step` is finished)."""
+    for ticket in range(*schedule.refill(step, self.m)):
+      heapq.heappush(self.tickets, ticket)
+
   def _locked_push(self, t, w):
     self._mark(w, push_trace.TICKET, t)
-    ticket = self.tickets.popleft()
+    ticket = heapq.heappop(self.tickets)
     step = int(schedule.step_of(ticket, self.m))
     accepted = self._decide(w, step)
     hold = self.c.serial_s
     if not accepted:
-      self.tickets.append(ticket)
+      heapq.heappush(self.tickets, ticket)
     else:
       hold += self.c.add_s
       self.reserved_landed[step] += 1
     applies = 0
     while schedule.complete(self.reserved_landed[self.reserved_step], self.m):
       del self.reserved_landed[self.reserved_step]
-      self.tickets.extend(range(*schedule.refill(self.reserved_step, self.m)))
+      self._refill(self.reserved_step)
       self.reserved_step += 1
       applies += 1
     hold += sum(self.jittered("apply", self.c.apply_s)
@@ -550,7 +557,7 @@ class _PSSimulation:
 
   def _ticketed(self, t, w):
     self._mark(w, push_trace.TICKET, t)
-    ticket = self.tickets.popleft()
+    ticket = heapq.heappop(self.tickets)
     step = int(schedule.step_of(ticket, self.m))
     accepted = self._decide(w, step)
     if accepted:
@@ -558,7 +565,7 @@ class _PSSimulation:
                       + self.jittered("land", self.c.land_s), _LAND, w, step,
                       True)
     else:
-      self.tickets.append(ticket)
+      heapq.heappush(self.tickets, ticket)
       self.push_event(t, _LAND, w, step, False)
 
   # -- landing, apply, finish (ticket modes) --------------------------------
@@ -591,7 +598,7 @@ class _PSSimulation:
       return
     del self.landed[step]
     self.global_step = self.next_step = step + 1
-    self.tickets.extend(range(*schedule.refill(step, self.m)))
+    self._refill(step)
     self._serve_waiting(t)
     if schedule.complete(self.landed[self.next_step], self.m):
       self.push_event(self._shards(t, self.jittered("apply", self.c.apply_s)),
