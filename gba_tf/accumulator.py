@@ -13,13 +13,14 @@ on is scalar, on the first PS task:
    is finite. A gradient with a NaN or Inf is rejected whole and counted
    (`nonfinite`, within `dropped`); it takes no ticket.
 2. Ticket: a finite push dequeues a ticket from a queue on the first PS
-   task, smallest ticket first. Ticket `t` is the push's place in the global order: it joins global
-   step `s = t // M`, so `tau = s - token` and the weight `f(tau)` are known
-   from the ticket alone (a lookup in `StalenessPolicy.weight_table()`). A
-   dropped push (tau > max_staleness) puts its ticket back, and it is the
-   next one handed out (see `_Tickets`). The queue holds
-   the tickets of two global steps; the tickets of step `s + 2` are queued
-   only once step `s` is applied, so at most two steps are ever open.
+   task, smallest ticket first. Ticket `t` is the push's place in the
+   global order: it joins global step `s = t // M`, so `tau = s - token`
+   and the weight `f(tau)` are known from the ticket alone (a lookup in
+   `StalenessPolicy.weight_table()`). A dropped push (tau > max_staleness)
+   puts its ticket back, and it is the next one handed out (see
+   `_Tickets`). The queue holds the tickets of two global steps; the
+   tickets of step `s + 2` are queued only once step `s` is applied, so at
+   most two steps are ever open.
 3. Add: on each shard, the weighted gradient is added into buffer `s % 2` of
    its variable, with one `scatter_nd_add` (atomic under the variable's own
    mutex, so no lock is taken and concurrent adds never lose an update).
