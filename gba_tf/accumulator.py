@@ -319,8 +319,8 @@ class GradientAggregator:
     self._applier = None
     # Tickets of the first two global steps (no device scope: an eager
     # queue op runs where the queue lives).
-    self._tickets.put(tf.range(*schedule.initial_tickets(m),
-                               dtype=tf.int64))
+    self._tickets.enqueue_many(
+        tf.range(*schedule.initial_tickets(m), dtype=tf.int64))
 
   def _slot(self, var, grad) -> _Slot:
     key = id(var)
@@ -457,7 +457,7 @@ class GradientAggregator:
       # of 0 elements instead is a no-op that returns at once: a rejected
       # push dequeues no ticket (and gets -1).
       with tf.control_dependencies([arrive_time] if traced else []):
-        ticket = self._tickets.take_if(finite, -1)
+        ticket = _dequeue_if(self._tickets, finite, -1)
       ticket_time = _time_after(ticket) if traced else None
       # A rejected push has no ticket; its tau (for the histogram) is
       # measured against the global step.
@@ -469,8 +469,8 @@ class GradientAggregator:
       accepted = tf.logical_and(finite, self._tables.accepts(tau, _TF_OPS))
 
       # A dropped push puts its ticket back (an empty enqueue otherwise).
-      returned = self._tickets.put_if(
-          ticket, tf.logical_and(finite, tf.logical_not(accepted)))
+      returned = _enqueue_if(self._tickets, ticket,
+                             tf.logical_and(finite, tf.logical_not(accepted)))
       counted = self.counters.record_push(
           tau, token, worker_index, accepted, weight < 1.0, compute_seconds,
           finite)
@@ -619,7 +619,8 @@ class GradientAggregator:
         # one landing short until the stall watchdog re-issued a ticket,
         # and the lost push's gradient went into it as well).
         with tf.control_dependencies([more, following]):
-          refill = self._tickets.put(tf.range(*schedule.refill(step, m)))
+          refill = self._tickets.enqueue_many(
+              tf.range(*schedule.refill(step, m)))
     with tf.control_dependencies([refill]):
       return tf.identity(more), tf.identity(following)
 
@@ -694,7 +695,7 @@ class GradientAggregator:
         finish(tf.constant(observed[1], tf.int64))
     tickets = [step * m + i for step, n in action.reissue for i in range(n)]
     if tickets:
-      self._tickets.put(tf.constant(tickets, tf.int64))
+      self._tickets.enqueue_many(tf.constant(tickets, tf.int64))
     return True
 
   def _land(self, parity, landed):
@@ -792,8 +793,9 @@ class _Tickets:
   straggler, the `backup_workers` preset dropped 56-62% of its pushes.
 
   Without drops or re-issues the order is the FIFO's: tickets are queued in
-  increasing order. TF's PriorityQueue needs a value besides the priority:
-  the ticket again.
+  increasing order. TF's PriorityQueue needs a value besides the priority
+  (the ticket again); this class hides it, so that the queue reads like a
+  one-component FIFO (`_enqueue_if` and `_dequeue_if` take it as one).
 
   Args:
     capacity: tickets the queue holds (those of the open steps).
@@ -803,22 +805,13 @@ class _Tickets:
     self._queue = tf.queue.PriorityQueue(capacity, [tf.int64], shapes=[[]],
                                          name="gba_tickets")
 
-  def put(self, tickets):
+  def enqueue_many(self, tickets):
     """Enqueues an int64 vector of tickets."""
     return self._queue.enqueue_many([tickets, tickets])
 
-  def put_if(self, ticket, keep):
-    """Puts the scalar `ticket` back if `keep` (1 or 0 elements, no branch:
-    see `GradientAggregator.push`)."""
-    kept = tf.reshape(ticket, [1])[:tf.cast(keep, tf.int32)]
-    return self._queue.enqueue_many([kept, kept])
-
-  def take_if(self, take, otherwise):
-    """The smallest ticket if `take` (waiting while none is left), else
-    `otherwise` at once."""
-    taken = self._queue.dequeue_many(tf.cast(take, tf.int32))[0]
-    return tf.concat([taken, tf.reshape(tf.cast(otherwise, tf.int64), [1])],
-                     0)[0]
+  def dequeue_many(self, n):
+    """The `n` smallest tickets (waiting while fewer are left)."""
+    return self._queue.dequeue_many(n)[0]
 
   def size(self):
     return self._queue.size()

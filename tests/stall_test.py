@@ -163,7 +163,7 @@ class StallRecoveryTest(tf.test.TestCase):
       # A push took ticket 0 (step 0) and died: pushes 1-3 take tickets
       # 1-3 (step 0 one short, step 1 complete), push 4 waits on the empty
       # queue until the chief re-issues a ticket of step 0.
-      self.assertEqual(aggregator._tickets.take_if(True, -1).numpy(), 0)
+      self.assertEqual(aggregator._tickets.dequeue_many(1).numpy()[0], 0)
 
     strategy, w, optimizer, aggregator = self._train(take_a_ticket)
     self._assert_sync_result(strategy, w, optimizer)
