@@ -53,8 +53,9 @@ from gba_tf.sim import timing
 # serial_s: mean hold time of the scalar section per visit, from the push
 #   profile (docs/results/push_profile.json: 152 us mean per section).
 # add_s, apply_s, async_apply_s: PS CPU per local step, from
-#   `scripts/throughput.py` (docs/results/throughput_4w2ps.json: 11.9 ms
-#   per local step for plain PSS, 16.9 ms for GBA, summed over 2 PS). Most of
+#   `scripts/throughput.py` (4 workers + 2 PS, a run on an earlier push
+#   path: 11.9 ms per local step for plain PSS, 16.9 ms for GBA, summed over
+#   2 PS; README "Micro-benchmark" has today's). Most of
 #   it serves the workers' variable reads, which fall inside the measured
 #   token-to-push time; what is left to a push's own PS work is taken as
 #   2 ms per add, per apply and per async apply, summed over shards.
