@@ -7,6 +7,7 @@ config, `result.json`, `phases.jsonl`, `switch_state.json`, `launch.json`.
 
 import os
 import subprocess
+import time
 import types
 
 import numpy as np
@@ -174,6 +175,23 @@ class LaunchLocalTest(tf.test.TestCase):
     self.assertLen(job.live_tasks(), 4)
     job.proc.terminate()
     self.assertEqual(job.finish(timeout=120), 143, job.output[-3000:])
+    self.assertEqual(job.live_tasks(), {})
+
+  def test_sigkill_of_the_launcher_takes_every_task_with_it(self):
+    # A launcher SIGKILLed (a test's subprocess timeout, the OOM killer)
+    # runs no handler; its tasks, each in a session of its own, used to
+    # stay up, holding their ports, until killed by hand. Each task now
+    # asks Linux to SIGKILL it when the launcher dies.
+    model_dir = testing_utils.temp_dir(self, "gba_kill_")
+    job = testing_utils.LaunchedJob(self, model_dir, "--mode=gba",
+                                    "--train_steps=100000")
+    job.wait_for("[chief:0] Epoch 1/")
+    self.assertLen(job.live_tasks(), 4)
+    job.proc.kill()
+    job.proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while job.live_tasks() and time.monotonic() < deadline:
+      time.sleep(0.2)
     self.assertEqual(job.live_tasks(), {})
 
   def test_a_failed_test_leaves_no_process(self):

@@ -394,6 +394,8 @@ class Job:
 def main(argv) -> None:
   """Body of `gba-train`: validate, then run this task's role."""
   del argv
+  # Started by gba-launch's LocalLauncher: exit with it, however it dies.
+  tasks.die_with_parent()
   f = gba_flags.FLAGS
   # TF's INFO lines (one per closure, collective and TF_CONFIG read) drown
   # the job's own progress in the launcher's merged log.

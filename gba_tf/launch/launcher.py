@@ -147,6 +147,10 @@ class LocalLauncher:
     name = f"{job}:{index}"
     env = tasks.task_environment(self._spec, job, index, self.env)
     env["PYTHONUNBUFFERED"] = "1"
+    # The task exits with this process however it dies (`gba-train` calls
+    # tasks.die_with_parent first): a launcher SIGKILLed by a test's timeout
+    # used to leave its job's four servers running, holding their ports.
+    env[tasks.PARENT_PID_ENV] = str(os.getpid())
     env["PYTHONPATH"] = os.pathsep.join(
         [_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     entry = ([self.script] if self.script

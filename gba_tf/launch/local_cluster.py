@@ -62,30 +62,6 @@ class InProcessCluster:
     return tasks.resolver(self.spec)
 
 
-# A LocalCluster task exits when the process that started it dies, however it
-# dies (a segfault or SIGKILL skips `atexit`): it reads its parent's PID here.
-_PARENT_PID_ENV = "GBA_LOCAL_CLUSTER_PARENT"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-  """Asks Linux to SIGKILL this process when the parent named in the
-  environment exits (prctl PR_SET_PDEATHSIG), then closes the race of a
-  parent that died before the request. Set in the child, not with
-  `preexec_fn`, which is unsafe in a parent running TF's threads."""
-  parent = os.environ.get(_PARENT_PID_ENV)
-  if not parent:
-    return
-  try:
-    import ctypes  # pylint: disable=g-import-not-at-top
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-  except (OSError, AttributeError):
-    return  # not Linux: atexit in the parent still stops the children.
-  if os.getppid() != int(parent):
-    os._exit(0)  # pylint: disable=protected-access
-
-
 def _child_command(task_type: str, task_index: int) -> List[str]:
   return [sys.executable, "-m", "gba_tf.launch.local_cluster", task_type, str(task_index)]
 
@@ -128,7 +104,7 @@ class LocalCluster:
   def start_task(self, task_type: str, task_index: int) -> subprocess.Popen:
     """(Re)starts one task's server process."""
     env = tasks.task_environment(self.spec, task_type, task_index, self._env)
-    env[_PARENT_PID_ENV] = str(os.getpid())
+    env[tasks.PARENT_PID_ENV] = str(os.getpid())
     if self._log_dir:
       os.makedirs(self._log_dir, exist_ok=True)
       out = open(os.path.join(self._log_dir,
@@ -204,5 +180,5 @@ def resident_mib(pid: int) -> Optional[float]:
 
 
 if __name__ == "__main__":
-  _die_with_parent()
+  tasks.die_with_parent()
   tasks.run_server(sys.argv[1], int(sys.argv[2]))

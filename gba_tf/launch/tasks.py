@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -73,6 +74,33 @@ class TaskConfig:
     if "chief" in self.cluster:
       return self.task_type == "chief"
     return self.task_type in (None, "worker") and self.task_index == 0
+
+
+# A task started by LocalCluster or LocalLauncher exits when the process that
+# started it dies, however it dies (a segfault or SIGKILL skips `atexit`,
+# and a test's timeout SIGKILLs the benchmark that launched a job): the
+# starter puts its PID here, and the task calls `die_with_parent` first.
+PARENT_PID_ENV = "GBA_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+  """Asks Linux to SIGKILL this process when the parent named in
+  `PARENT_PID_ENV` exits (prctl PR_SET_PDEATHSIG), then closes the race of
+  a parent that died before the request. A no-op without the variable (a
+  task started by Kubernetes or by hand). Set in the child, not with
+  `preexec_fn`, which is unsafe in a parent running TF's threads."""
+  parent = os.environ.get(PARENT_PID_ENV)
+  if not parent:
+    return
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+  except (OSError, AttributeError):
+    return  # not Linux: the starter's own cleanup still stops its children.
+  if os.getppid() != int(parent):
+    os._exit(0)  # pylint: disable=protected-access
 
 
 def parse_tf_config(text: Optional[str], mode: str) -> TaskConfig:
