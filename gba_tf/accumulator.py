@@ -521,19 +521,13 @@ class GradientAggregator:
       # The applier applies the step (and any that complete meanwhile); its
       # reply (the last step of its chain) says it is done. Not an apply in
       # this graph: see `gba_tf.applier` for why. Only the claiming push
-      # sends and waits; the others' queue ops take 0 elements. A reply
-      # older than this step was left by a claimer that died waiting:
-      # skipped.
+      # sends and waits (`_await_reply`); the others' queue ops take 0
+      # elements.
       landed_time = _time_after(claim) if traced else None
       with tf.control_dependencies([landed_time] if traced else []):
         announced = _enqueue_if(self._ready, next_step, claim)
       with tf.control_dependencies([announced]):
-        replies = self._applied.dequeue_many(tf.cast(claim, tf.int32))
-      replies, = tf.while_loop(
-          lambda r: tf.reduce_any(r < next_step),
-          lambda unused_r: [self._applied.dequeue_many(1)], [replies],
-          shape_invariants=[tf.TensorShape([None])], parallel_iterations=1)
-      completed = tf.reduce_any(replies >= next_step)
+        completed = _await_reply(self._applied, claim, next_step)
       if not traced:
         return completed
       return self._record_trace(
@@ -829,6 +823,31 @@ def _dequeue_if(queue, take, otherwise):
   taken = queue.dequeue_many(tf.cast(take, tf.int32))
   return tf.concat([taken, tf.reshape(tf.cast(otherwise, taken.dtype), [1])],
                    0)[0]
+
+
+def _await_reply(replies, claim, step):
+  """Whether `step` is applied: if `claim`, waits for the applier's reply.
+
+  A reply is the last step of a chain the applier applied. Replies older
+  than `step` are dropped (a claimer that died waiting left them), and the
+  reply that answers is put back before returning, for any other claimer
+  it answers too. Taken for good, it could leave a claimer waiting forever:
+  claims are announced in order, but a claimer may reach its dequeue after
+  the next one has claimed; the later claimer then dropped the earlier
+  one's reply as old, its own reply answered the earlier claimer, and it
+  waited for a reply no chain would send (seen as a job hung at its last
+  step with M = 1). Put back, a reply stays until a later claimer drops
+  it: no claim can be answered by a reply older than it, since claims are
+  for steps not yet applied. Without `claim` the queue ops take and put
+  back 0 elements.
+  """
+  got = replies.dequeue_many(tf.cast(claim, tf.int32))
+  got, = tf.while_loop(
+      lambda r: tf.reduce_any(r < step),
+      lambda unused_r: [replies.dequeue_many(1)], [got],
+      shape_invariants=[tf.TensorShape([None])], parallel_iterations=1)
+  with tf.control_dependencies([replies.enqueue_many(got)]):
+    return tf.reduce_any(got >= step)
 
 
 def _dense_part(grad):
