@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -98,9 +97,7 @@ class LocalClusterTest(tf.test.TestCase):
         os.kill(pid, signal.SIGKILL)
 
     self.addCleanup(kill_leftovers)
-    deadline = time.monotonic() + 30
-    while alive() and time.monotonic() < deadline:
-      time.sleep(0.2)
+    testing_utils.wait_while(alive)
     self.assertEqual(alive(), [])
 
 

@@ -7,7 +7,6 @@ config, `result.json`, `phases.jsonl`, `switch_state.json`, `launch.json`.
 
 import os
 import subprocess
-import time
 import types
 
 import numpy as np
@@ -26,6 +25,16 @@ def _launch(test, model_dir, *args, timeout=300):
 
 
 _read = testing_utils.read_job_file
+
+
+def _training_job(test, prefix):
+  """A GBA job far from its end, its four tasks up and training."""
+  model_dir = testing_utils.temp_dir(test, prefix)
+  job = testing_utils.LaunchedJob(test, model_dir, "--mode=gba",
+                                  "--train_steps=100000")
+  job.wait_for("[chief:0] Epoch 1/")
+  test.assertLen(job.live_tasks(), 4)
+  return job
 
 
 @pytest.mark.cluster
@@ -168,11 +177,7 @@ class LaunchLocalTest(tf.test.TestCase):
   def test_sigterm_stops_the_job_with_143_and_every_task(self):
     # What Kubernetes or Ctrl-C does to the launcher: SIGTERM. It exits
     # with 128 + 15 and takes every task down with it.
-    model_dir = testing_utils.temp_dir(self, "gba_term_")
-    job = testing_utils.LaunchedJob(self, model_dir, "--mode=gba",
-                                    "--train_steps=100000")
-    job.wait_for("[chief:0] Epoch 1/")
-    self.assertLen(job.live_tasks(), 4)
+    job = _training_job(self, "gba_term_")
     job.proc.terminate()
     self.assertEqual(job.finish(timeout=120), 143, job.output[-3000:])
     self.assertEqual(job.live_tasks(), {})
@@ -182,29 +187,20 @@ class LaunchLocalTest(tf.test.TestCase):
     # runs no handler; its tasks, each in a session of its own, used to
     # stay up, holding their ports, until killed by hand. Each task now
     # asks Linux to SIGKILL it when the launcher dies.
-    model_dir = testing_utils.temp_dir(self, "gba_kill_")
-    job = testing_utils.LaunchedJob(self, model_dir, "--mode=gba",
-                                    "--train_steps=100000")
-    job.wait_for("[chief:0] Epoch 1/")
-    self.assertLen(job.live_tasks(), 4)
+    job = _training_job(self, "gba_kill_")
     job.proc.kill()
     job.proc.wait(timeout=60)
-    deadline = time.monotonic() + 30
-    while job.live_tasks() and time.monotonic() < deadline:
-      time.sleep(0.2)
+    testing_utils.wait_while(job.live_tasks)
     self.assertEqual(job.live_tasks(), {})
 
   def test_a_failed_test_leaves_no_process(self):
     # A test that fails mid-job (here: `finish` times out) must not leave
     # the job behind. The job's cleanup is what a failing test runs; it is
     # called here directly, then every task PID of the job must be gone.
-    model_dir = testing_utils.temp_dir(self, "gba_leak_")
-    job = testing_utils.LaunchedJob(self, model_dir, "--mode=gba",
-                                    "--train_steps=100000")
-    job.wait_for("[chief:0] Epoch 1/")
+    job = _training_job(self, "gba_leak_")
+    model_dir = job.model_dir
     tasks = job.task_pids()
     self.assertCountEqual(tasks, ["chief:0", "worker:0", "worker:1", "ps:0"])
-    self.assertLen(job.live_tasks(), 4)
     with self.assertRaisesRegex(AssertionError, "job still running"):
       job.finish(timeout=1)
     job.stop()

@@ -137,6 +137,15 @@ def temp_dir(test, prefix: str) -> str:
   return path
 
 
+def wait_while(condition, seconds: float = 30.0) -> None:
+  """Polls `condition` every 0.2 s until it is false or `seconds` pass (the
+  caller asserts on it afterwards: a process killed with its parent takes
+  a moment to go)."""
+  deadline = time.monotonic() + seconds
+  while condition() and time.monotonic() < deadline:
+    time.sleep(0.2)
+
+
 def is_live_process(pid: int, named: str) -> bool:
   """Whether `pid` is a live (not zombie) process whose command line holds
   `named` (a task's model dir, a server's module): guards against PID reuse.
