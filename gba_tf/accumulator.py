@@ -105,6 +105,8 @@ class _Slot:
   def __init__(self, var, sparse: bool):
     self.sparse = sparse
     self._dense_shape = var.shape
+    # Elements of the variable (None if its shape is not fully known).
+    self.size = var.shape.num_elements()
     self._buffers = tf.Variable(
         tf.zeros([schedule.OPEN_STEPS] + var.shape.as_list(), var.dtype),
         trainable=False, name=_slot_name(var))
@@ -128,7 +130,21 @@ class _Slot:
     return tf.queue.QueueBase.from_list(tf.cast(parity, tf.int32), self._rows)
 
   def stage(self, grad):
-    """Moves the gradient next to the buffers (before it takes a ticket)."""
+    """Moves the gradient next to the buffers (before it takes a ticket).
+
+    A sparse gradient is first summed per row where it was computed (what
+    tf_keras' `apply_gradients` does there before any update): an
+    embedding's gradient repeats a row once per lookup of it, about half
+    of its rows in a CTR batch, and every repeat would otherwise cross to
+    the PS, be added there, and be noted for the apply to deduplicate
+    again. The sum is the same; the PS does the work once per row.
+    """
+    if self.sparse and isinstance(grad, tf.IndexedSlices):
+      rows, position = tf.unique(tf.cast(grad.indices, tf.int64))
+      grad = tf.IndexedSlices(
+          tf.math.unsorted_segment_sum(grad.values, position,
+                                       tf.shape(rows)[0]),
+          rows, grad.dense_shape)
     with tf.device(self.device):
       if not self.sparse:
         # A dense variable that got a sparse gradient in one trace only
@@ -139,12 +155,11 @@ class _Slot:
             "GBA accumulates this variable as sparse (its first gradient was "
             f"tf.IndexedSlices) but received a dense gradient {grad!r}.")
       return tf.IndexedSlices(tf.identity(grad.values),
-                              tf.cast(grad.indices, tf.int64),
-                              grad.dense_shape)
+                              tf.identity(grad.indices), grad.dense_shape)
 
   def add(self, grad, parity, weight, accepted):
     """Adds `weight * grad` into buffer `parity` if `accepted`: one atomic
-    scatter op, and no branch.
+    scatter op, and no branch. Returns the op's result (the variable).
 
     A push that is not accepted (dropped, or not finite) adds nothing: a
     dense gradient is scaled by 0 with `multiply_no_nan` (0 even where the
@@ -164,18 +179,19 @@ class _Slot:
         # A push that adds no row notes an empty entry, which is no row.
         noted = self._rows_of(parity).enqueue(rows + 1)
         with tf.control_dependencies([noted]):
-          added = self._buffers.scatter_nd_add(
+          return self._buffers.scatter_nd_add(
               indices,
               grad.values[:kept] * tf.cast(weight, grad.values.dtype))
-      else:
-        scale = tf.where(accepted, tf.cast(weight, grad.dtype),
-                         tf.zeros([], grad.dtype))
-        added = self._buffers.scatter_nd_add(
-            tf.reshape(parity, [1, 1]),
-            tf.expand_dims(tf.math.multiply_no_nan(grad, scale), 0))
-      # A tensor after the add (scatter_nd_add returns the variable).
-      with tf.control_dependencies([added]):
-        return tf.identity(parity)
+      return self.add_scaled(
+          tf.math.multiply_no_nan(grad, _scale(grad.dtype, weight, accepted)),
+          tf.reshape(parity, [1, 1]))
+
+  def add_scaled(self, grad, index):
+    """Adds a dense gradient, already weighted (any shape with the
+    variable's elements), into the buffer at `index` ([[parity]])."""
+    with tf.device(self.device):
+      return self._buffers.scatter_nd_add(
+          index, tf.reshape(grad, [1] + self._dense_shape.as_list()))
 
   def take(self, parity, divisor):
     """Buffer `parity` divided by `divisor` (M, or the sum of the step's
@@ -207,6 +223,68 @@ class _Slot:
         return tf.IndexedSlices(
             values / tf.cast(divisor, values.dtype), tf.identity(rows),
             dense_shape=tf.constant(self._dense_shape.as_list(), tf.int64))
+
+
+def _scale(dtype, weight, accepted):
+  """A gradient's factor in the buffer: its weight, or 0 if not accepted."""
+  return tf.where(accepted, tf.cast(weight, dtype), tf.zeros([], dtype))
+
+
+class _TaskPush:
+  """One push's gradients for the variable shards of one PS task.
+
+  The dense gradients of one dtype cross to the task as one flat tensor,
+  concatenated where they were computed: one RecvTensor RPC, one finite
+  check and one weighting for all of them, not one each per variable (the
+  kernels and biases of a model's dense layers are most of its variables,
+  each small). The PS splits the weighted tensor back into each
+  variable's buffer. Sparse gradients cross one by one (`_Slot.stage`).
+
+  Args:
+    device: the PS task.
+    entries: (slot, local gradient, variable) of the variables there.
+  """
+
+  def __init__(self, device: str, entries):
+    self.device = device
+    self._single = []
+    self._packs = []
+    dense = collections.defaultdict(list)
+    for slot, grad, _ in entries:
+      if slot.sparse or slot.size is None:
+        self._single.append((slot, slot.stage(grad)))
+      else:
+        grad = tf.convert_to_tensor(grad)
+        dense[grad.dtype].append((slot, grad))
+    for members in dense.values():
+      flat = tf.concat([tf.reshape(g, [-1]) for _, g in members], 0)
+      with tf.device(device):
+        self._packs.append((tf.identity(flat), [slot for slot, _ in members]))
+    # The tensors on this task once the push's gradients have arrived.
+    self.landed = ([flat for flat, _ in self._packs]
+                   + [_dense_part(g) for _, g in self._single])
+
+  def finite(self):
+    """Whether every gradient of the push for this task is finite."""
+    with tf.device(self.device):
+      return tf.reduce_all(tf.stack(
+          [tf.reduce_all(tf.math.is_finite(t)) for t in self.landed]))
+
+  def add(self, parity, weight, accepted):
+    """Adds each gradient into its buffer (`_Slot.add`); returns a tensor
+    that is computed once every add has run."""
+    with tf.device(self.device):
+      added = [slot.add(g, parity, weight, accepted)
+               for slot, g in self._single]
+      index = tf.reshape(parity, [1, 1])
+      for flat, slots in self._packs:
+        scaled = tf.math.multiply_no_nan(
+            flat, _scale(flat.dtype, weight, accepted))
+        parts = tf.split(scaled, [slot.size for slot in slots])
+        added.extend(slot.add_scaled(part, index)
+                     for slot, part in zip(slots, parts))
+      with tf.control_dependencies(added):
+        return tf.identity(parity)
 
 
 def _slot_name(var) -> str:
@@ -424,26 +502,21 @@ class GradientAggregator:
     for step in steps:
       staged.append([(self._slot(v, g), g, v) for g, v in step.grads_and_vars
                      if g is not None])
-    staged = [[(slot, slot.stage(g), v) for slot, g, v in part]
-              for part in staged]
-    flat = [entry for part in staged for entry in part]
-    tensors = [_dense_part(g) for _, g, _ in flat]
-    # The shard tasks the push touches: the finite check and the add each
-    # run once per task.
-    by_task = _group_by_device(flat)
+    # The shard tasks the push touches: the transfer, the finite check and
+    # the add each run per task.
+    by_task = {device: _TaskPush(device, entries) for device, entries
+               in _group_by_device(
+                   [entry for part in staged for entry in part]).items()}
+    tensors = [t for task in by_task.values() for t in task.landed]
     # A NaN or Inf from one worker (bad data, an overflow) would poison every
     # later global step: checked next to each shard, before any ticket. Every
     # tensor crossing tasks costs a RecvTensor RPC, so each shard task sends
     # the first PS task one flag for all of its gradients.
-    checks = []
-    for device, entries in by_task.items():
-      with tf.device(device):
-        checks.append(tf.reduce_all(tf.stack(
-            [tf.reduce_all(tf.math.is_finite(_dense_part(g)))
-             for _, g, _ in entries])))
+    checks = [task.finite() for task in by_task.values()]
 
     with tf.device(self._device):
-      with tf.control_dependencies(tensors):
+      # After the read time (same task): never a negative compute time.
+      with tf.control_dependencies(tensors + [read_time]):
         arrive_time = tf.timestamp()
       compute_seconds = arrive_time - read_time
       finite = (tf.reduce_all(tf.stack(checks)) if checks
@@ -489,7 +562,7 @@ class GradientAggregator:
                            tf.cast(accepted, tf.float32)])
 
     adds = []
-    for device, entries in by_task.items():
+    for device, task in by_task.items():
       with tf.device(device):
         if device == self._device:
           local_parity, local_weight, local_accepted = parity, weight, accepted
@@ -497,9 +570,7 @@ class GradientAggregator:
           local = tf.identity(decision)
           local_parity = tf.cast(local[0], tf.int64)
           local_weight, local_accepted = local[1], local[2] > 0
-
-        adds.extend(slot.add(g, local_parity, local_weight, local_accepted)
-                    for slot, g, _ in entries)
+        adds.append(task.add(local_parity, local_weight, local_accepted))
 
     with tf.control_dependencies(_per_device_barriers(adds) + counted
                                  + [returned]):

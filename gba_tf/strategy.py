@@ -256,7 +256,7 @@ class _GBAStrategyExtended(compat.ParameterServerStrategyV2Extended):
     # than the parameters it reads (invariant 2).
     try:
       with tf.device(self.worker_devices[0]), context, \
-          tf.control_dependencies([token, read_time]):
+          tf.control_dependencies([token]):
         outputs = fn(*args, **kwargs)
         # One push per local step, after every optimizer has handed over its
         # gradients: they join the same global step.

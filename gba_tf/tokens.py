@@ -8,8 +8,9 @@ The staleness of the gradient when it is aggregated at global step `s` is
 Where the token is read matters (docs/design.md, invariant 2). Keras `fit` schedules a
 whole epoch of closures on the coordinator before the first one runs, so a
 token taken at `schedule()` time would be hundreds of steps old. The token is
-therefore read *inside* the scheduled function, on the worker, as the first
-op of the replica function, and the forward pass is made to depend on it.
+therefore read *inside* the scheduled function, as the first op of the
+replica function (on the first PS task, where the variable lives), and the
+forward pass is made to depend on it.
 
 The global step lives in a variable on the first PS task, next to the
 accumulator's scheduling state; the accumulator advances it once a global step
@@ -65,25 +66,33 @@ class TokenService:
   def issue(self):
     """Reads the token and the time it was read. Call in the replica fn.
 
+    Both are taken on the first PS task, where the push that carries them
+    lands: neither crosses to the worker and back (two RecvTensor RPCs per
+    local step on the PS), and the time to the push's arrival is read off
+    one clock. The forward pass waits for the token only (`token` below).
+
     Returns:
       `(token, read_time)`: int64 scalar tensor and float64 seconds.
     """
-    if self.time_before_read:
-      # Traced: the time first, then the read. On CPU a timestamp is queued
-      # to the thread pool while a variable read runs inline right after
-      # what it waits for, so a time taken after the read can come tens of
-      # ms after the value was taken, on a busy PS (traces showed reads
-      # stamped after the step their token named had finished). Taken
-      # before, the read follows it at once.
-      with tf.device(self.global_step.device):
+    with tf.device(self.global_step.device):
+      if self.time_before_read:
+        # Traced: the time first, then the read. On CPU a timestamp is
+        # queued to the thread pool while a variable read runs inline right
+        # after what it waits for, so a time taken after the read can come
+        # tens of ms after the value was taken, on a busy PS (traces showed
+        # reads stamped after the step their token named had finished).
+        # Taken before, the read follows it at once.
         read_time = tf.timestamp()
         with tf.control_dependencies([read_time]):
           token = self.global_step.read_value()
+        return token, read_time
+      # Not traced: the read first, so that no step waits for a timestamp
+      # queued on a busy PS; the time may then come late (see above), which
+      # only shortens `worker_compute_seconds`.
+      token = self.global_step.read_value()
+      with tf.control_dependencies([token]):
+        read_time = tf.timestamp()
       return token, read_time
-    token = self.global_step.read_value()
-    with tf.control_dependencies([token]):
-      read_time = tf.timestamp()
-    return token, read_time
 
   @staticmethod
   def worker_index():

@@ -10,17 +10,20 @@ variable shards over 2 PS) under plain ParameterServerStrategy and under
 GBAStrategy, has TF dump the partitioned graphs, and counts the RPCs each
 PS task receives per local step.
 
-Counted on the landed code: GBA 19 and 13 on ps:0 and ps:1, async 24 and
+Counted on the landed code: GBA 8 and 6 on ps:0 and ps:1, async 24 and
 12. Before the push was trimmed, GBA's were 43 and 22: a finite flag and a
 control edge per gradient, the learning rate read once per variable, and
 three scalars to each shard; then 23 and 18 while the apply was a branch of
-every push, and 20 and 14 while the add was one.
+every push, 20 and 14 while the add was one, and 19 and 13 while each dense
+gradient crossed on its own and the token and its read time went to the
+worker and back.
 
 The same dump shows what each PS task runs per push: the optimizer's update
 must not be there (`gba_tf.applier` applies global steps in a function of
 its own). With the apply as a branch of the push, the PS tasks ran 764 and
 513 nodes per push (async: 171 and 176); without, 422 and 224; with no
-branch in the push either (the add, the ticket, the reply), 356 and 186.
+branch in the push either (the add, the ticket, the reply), 356 and 186;
+with the dense gradients packed, 305 and 138.
 """
 
 import collections
@@ -36,9 +39,16 @@ import tensorflow as tf
 
 from tests import testing_utils
 
-# RPCs GBA may add per PS task and local step: the finite flag, the packed
-# decision, the landing barrier.
-_EXTRA_PER_TASK = 4
+# RPCs GBA may add per PS task and local step over async's. None: the
+# finite flag, the packed decision and the landing barrier that GBA adds
+# cost fewer RPCs than the dense gradients that async sends one by one and
+# GBA packs into one tensor per task.
+_EXTRA_PER_TASK = 0
+
+# Gradient tensors (float) a worker sends each PS task per GBA push: the
+# task's dense gradients packed into one, and the values of the one sparse
+# (embedding) shard there.
+_GRADIENT_TENSORS_PER_TASK = 2
 
 # Adagrad's update (accumulator += g^2; var -= lr * g / sqrt(accumulator)):
 # an op only the optimizer's apply runs.
@@ -86,7 +96,8 @@ def probe(mode: str) -> None:
 
 
 def _partitions(dump_dir: str) -> dict:
-  """{'ps:0': (cross-task `_Recv`s, op types), ...} of the step function."""
+  """{'ps:0': (cross-task `_Recv`s, op types, float `_Recv`s from a
+  worker), ...} of the step function."""
   from tensorflow.core.framework import graph_pb2  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
   partitions = {}
   for path in glob.glob(os.path.join(dump_dir, "*.pbtxt")):
@@ -100,9 +111,13 @@ def _partitions(dump_dir: str) -> dict:
     received = collections.Counter(
         node.attr["send_device"].s.decode().split("device:")[0]
         for node in graph.node if node.op in ("_Recv", "_HostRecv"))
+    floats = sum(
+        1 for node in graph.node if node.op in ("_Recv", "_HostRecv")
+        and "/job:worker/" in node.attr["send_device"].s.decode()
+        and node.attr["tensor_type"].type == tf.float32.as_datatype_enum)
     partitions[f"{match.group(1)}:{match.group(2)}"] = (
         sum(n for sender, n in received.items() if sender != task),
-        {node.op for node in graph.node})
+        {node.op for node in graph.node}, floats)
   return partitions
 
 
@@ -138,8 +153,8 @@ class PushRpcsTest(tf.test.TestCase):
     return partitions
 
   def test_gba_adds_a_bounded_number_of_rpcs_per_ps_task(self):
-    pss = {task: rpcs for task, (rpcs, _) in self._partitions("pss").items()}
-    gba = {task: rpcs for task, (rpcs, _) in self._partitions("gba").items()}
+    pss = {task: rpcs for task, (rpcs, _, _) in self._partitions("pss").items()}
+    gba = {task: rpcs for task, (rpcs, _, _) in self._partitions("gba").items()}
     for task in ("ps:0", "ps:1"):
       self.assertGreater(pss[task], 0)
       self.assertLessEqual(gba[task], pss[task] + _EXTRA_PER_TASK,
@@ -148,9 +163,18 @@ class PushRpcsTest(tf.test.TestCase):
   def test_the_optimizer_update_is_not_part_of_a_push(self):
     # Async applies in every push: the op is found where it runs.
     pss = self._partitions("pss")
-    self.assertTrue(any(_UPDATE_OP in ops for _, ops in pss.values()))
-    for task, (_, ops) in self._partitions("gba").items():
+    self.assertTrue(any(_UPDATE_OP in ops for _, ops, _ in pss.values()))
+    for task, (_, ops, _) in self._partitions("gba").items():
       self.assertNotIn(_UPDATE_OP, ops, task)
+
+  def test_dense_gradients_cross_to_each_task_as_one_tensor(self):
+    # Async sends each of DCN-v2's dense gradients on its own (the control:
+    # the count sees them), GBA one packed tensor per task.
+    pss = self._partitions("pss")
+    gba = self._partitions("gba")
+    for task in ("ps:0", "ps:1"):
+      self.assertGreater(pss[task][2], _GRADIENT_TENSORS_PER_TASK, task)
+      self.assertEqual(gba[task][2], _GRADIENT_TENSORS_PER_TASK, task)
 
 
 if __name__ == "__main__":

@@ -322,6 +322,28 @@ class GBAStrategyExactnessTest(tf.test.TestCase):
     self.assertAllEqual(np.concatenate(seen), [0, 1, 0, 0, 2, 0])
     self.assertEqual(h.optimizer.iterations.numpy(), 2)
 
+  def test_a_push_sends_each_sparse_row_once_summed(self):
+    # M = 2, one push (the step stays open): ids [4, 1, 4, 4] with
+    # coefficients [1, 0], [2, 0], [3, 0], [4, 0]. Rows 0-2 are on ps:0 and
+    # 3-5 on ps:1, so ps:1 gets local row 1 three times, summing to
+    # [8, 0]; ps:0 gets local row 1 once, [2, 0]. Summed on the worker, each
+    # shard notes the row once (stored as row + 1 = 2) and holds the sum.
+    config = gba_tf.GBAConfig(global_batch_size=2, local_batch_size=1)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  config, testing_utils.two_shards())
+    h = _Harness(strategy, lambda: tf.keras.optimizers.SGD(1.0))
+    h.run(([4, 1, 4, 4], [[1, 0], [2, 0], [3, 0], [4, 0]], [0, 0]))
+    sparse = [slot for slot, _ in
+              strategy.extended.aggregator._slots.values() if slot.sparse]
+    self.assertLen(sparse, 2)
+    noted, held = [], []
+    for slot in sparse:
+      queue = slot._rows[0]
+      noted.append(queue.dequeue_many(queue.size()).numpy().tolist())
+      held.append(slot._buffers.numpy()[0, 1].tolist())
+    self.assertCountEqual(noted, [[[2]], [[2]]])
+    self.assertCountEqual(held, [[8.0, 0.0], [2.0, 0.0]])
+
   def test_no_update_lost_under_concurrent_pushes(self):
     # 40 local steps scheduled at once on both workers, every push the same:
     # ids [0, 3, 3] with unit coefficients -> dE[0] = [1, 1], dE[3] = [2, 2];
