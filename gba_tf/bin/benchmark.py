@@ -91,6 +91,11 @@ ABLATION = {
     # weights instead of M (decayed gradients then shrink no step).
     "exp0.5_t2_weights": ["--decay=exponential", "--decay_rate=0.5",
                           "--staleness_threshold=2", "--normalize=weights"],
+    # One-step-stale gradients (tau = 1, about 45% of them with a 1/4
+    # straggler) at half weight, the step's scale kept: whether what GBA
+    # pays on synthetic data is the weight it gives them.
+    "exp0.5_t0_weights": ["--decay=exponential", "--decay_rate=0.5",
+                          "--staleness_threshold=0", "--normalize=weights"],
 }
 # --converge: per dataset, the job each seed runs in every mode and
 # condition (on top of the benchmark flagfile). Every run draws from one
