@@ -240,13 +240,19 @@ class _TaskPush:
   each small). The PS splits the weighted tensor back into each
   variable's buffer. Sparse gradients cross one by one (`_Slot.stage`).
 
+  The first PS task's float32 pack also carries the pushing worker's index
+  as its last element (exact below 2**24 workers), which would otherwise
+  cross as an RPC of its own; `worker_index` is then read from there.
+
   Args:
     device: the PS task.
     entries: (slot, local gradient, variable) of the variables there.
+    worker_index: int64 scalar to carry, or None.
   """
 
-  def __init__(self, device: str, entries):
+  def __init__(self, device: str, entries, worker_index=None):
     self.device = device
+    self.worker_index = None
     self._single = []
     self._packs = []
     dense = collections.defaultdict(list)
@@ -256,10 +262,18 @@ class _TaskPush:
       else:
         grad = tf.convert_to_tensor(grad)
         dense[grad.dtype].append((slot, grad))
-    for members in dense.values():
-      flat = tf.concat([tf.reshape(g, [-1]) for _, g in members], 0)
+    for dtype, members in dense.items():
+      parts = [tf.reshape(g, [-1]) for _, g in members]
+      carries = worker_index is not None and dtype == tf.float32
+      if carries:
+        parts.append(tf.reshape(tf.cast(worker_index, tf.float32), [1]))
+      flat = tf.concat(parts, 0)
       with tf.device(device):
-        self._packs.append((tf.identity(flat), [slot for slot, _ in members]))
+        flat = tf.identity(flat)
+        if carries:
+          self.worker_index = tf.cast(flat[-1], tf.int64)
+          worker_index = None
+        self._packs.append((flat, [slot for slot, _ in members]))
     # The tensors on this task once the push's gradients have arrived.
     self.landed = ([flat for flat, _ in self._packs]
                    + [_dense_part(g) for _, g in self._single])
@@ -280,7 +294,9 @@ class _TaskPush:
       for flat, slots in self._packs:
         scaled = tf.math.multiply_no_nan(
             flat, _scale(flat.dtype, weight, accepted))
-        parts = tf.split(scaled, [slot.size for slot in slots])
+        sizes = [slot.size for slot in slots]
+        # The carried worker index, if any, is the rest.
+        parts = tf.split(scaled, sizes + [-1])
         added.extend(slot.add_scaled(part, index)
                      for slot, part in zip(slots, parts))
       with tf.control_dependencies(added):
@@ -504,9 +520,13 @@ class GradientAggregator:
                      if g is not None])
     # The shard tasks the push touches: the transfer, the finite check and
     # the add each run per task.
-    by_task = {device: _TaskPush(device, entries) for device, entries
-               in _group_by_device(
-                   [entry for part in staged for entry in part]).items()}
+    by_task = {}
+    for device, entries in _group_by_device(
+        [entry for part in staged for entry in part]).items():
+      task = by_task[device] = _TaskPush(
+          device, entries, worker_index if device == self._device else None)
+      if task.worker_index is not None:
+        worker_index = task.worker_index
     tensors = [t for task in by_task.values() for t in task.landed]
     # A NaN or Inf from one worker (bad data, an overflow) would poison every
     # later global step: checked next to each shard, before any ticket. Every

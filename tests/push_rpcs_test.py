@@ -10,20 +10,20 @@ variable shards over 2 PS) under plain ParameterServerStrategy and under
 GBAStrategy, has TF dump the partitioned graphs, and counts the RPCs each
 PS task receives per local step.
 
-Counted on the landed code: GBA 8 and 6 on ps:0 and ps:1, async 24 and
+Counted on the landed code: GBA 7 and 6 on ps:0 and ps:1, async 24 and
 12. Before the push was trimmed, GBA's were 43 and 22: a finite flag and a
 control edge per gradient, the learning rate read once per variable, and
 three scalars to each shard; then 23 and 18 while the apply was a branch of
 every push, 20 and 14 while the add was one, and 19 and 13 while each dense
-gradient crossed on its own and the token and its read time went to the
-worker and back.
+gradient crossed on its own, the token and its read time went to the
+worker and back, and the worker's index crossed on its own.
 
 The same dump shows what each PS task runs per push: the optimizer's update
 must not be there (`gba_tf.applier` applies global steps in a function of
 its own). With the apply as a branch of the push, the PS tasks ran 764 and
 513 nodes per push (async: 171 and 176); without, 422 and 224; with no
 branch in the push either (the add, the ticket, the reply), 356 and 186;
-with the dense gradients packed, 305 and 138.
+with the dense gradients packed, 308 and 138.
 """
 
 import collections
