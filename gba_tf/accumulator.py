@@ -270,9 +270,8 @@ class _TaskPush:
       flat = tf.concat(parts, 0)
       with tf.device(device):
         flat = tf.identity(flat)
-        if carries:
+        if carries:  # one float32 pack per task: carried once
           self.worker_index = tf.cast(flat[-1], tf.int64)
-          worker_index = None
         self._packs.append((flat, [slot for slot, _ in members]))
     # The tensors on this task once the push's gradients have arrived.
     self.landed = ([flat for flat, _ in self._packs]

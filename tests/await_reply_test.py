@@ -11,6 +11,7 @@ import gba_tf  # sets TF_USE_LEGACY_KERAS=1 before TensorFlow loads
 import tensorflow as tf
 
 from gba_tf import accumulator
+from tests import testing_utils
 
 _WAIT_S = 20.0
 
@@ -45,8 +46,8 @@ class AwaitReplyTest(tf.test.TestCase):
     self.replies.enqueue(tf.constant(5, tf.int64))  # C's chain ended at 5.
     a, a_result = self._start(True, 6)
     # A takes 5 (older than its step 6: dropped) and waits again.
-    while self._size():
-      pass
+    testing_utils.wait_while(self._size, _WAIT_S)
+    self.assertEqual(self._size(), 0)
     self.assertTrue(a.is_alive())
     self.replies.enqueue(tf.constant(6, tf.int64))  # A's chain ended at 6.
     a.join(_WAIT_S)
@@ -65,8 +66,8 @@ class AwaitReplyTest(tf.test.TestCase):
     # 6 left by a claimer that died waiting; the next claim is for step 7.
     self.replies.enqueue(tf.constant(6, tf.int64))
     e, e_result = self._start(True, 7)
-    while self._size():
-      pass
+    testing_utils.wait_while(self._size, _WAIT_S)
+    self.assertEqual(self._size(), 0)
     self.assertTrue(e.is_alive())  # 6 does not answer step 7.
     self.replies.enqueue(tf.constant(9, tf.int64))  # a chain 7..9
     e.join(_WAIT_S)
