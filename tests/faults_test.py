@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 
 import pytest
 
@@ -47,21 +48,38 @@ def _assert_conserved(test, gba, max_lost=0):
 class FaultsTest(tf.test.TestCase):
 
   def test_worker_killed_and_restarted(self):
-    model_dir = testing_utils.temp_dir(self, "gba_kill_worker_")
-    # 400 steps: time for the restarted worker (a fresh TF process) to
-    # rejoin and train.
-    job = _job(self, model_dir, "--train_steps=400")
-    job.wait_for("[chief:0] Epoch 2/")
-    # Every task's gRPC server listens on loopback only.
-    with open(os.path.join(model_dir, "tasks.json")) as f:
-      for name, pid in json.load(f).items():
-        listening = sockets.listening_sockets_of(pid)
-        self.assertNotEmpty(listening, name)
-        self.assertEqual({a for a, _ in listening}, {"127.0.0.1"}, name)
-    job.kill("worker:1")
-    self.assertEqual(job.finish(), 0, job.output[-3000:])
-    self.assertIn("[launcher] worker:1 exited with code -9; restarting it",
-                  job.output)
+    # TensorFlow's recovery of the restarted worker (ClusterCoordinator
+    # updates its server def while the healthy worker's closures run) has
+    # been seen to segfault the chief, in 1 CI run of this test. The
+    # launcher then restarts the phase from its last checkpoint (checked
+    # here and in test_chief_killed_resumes_from_last_checkpoint), but the
+    # resumed phase's counters no longer hold the 800 pushes asserted
+    # below: the scenario runs once more, and a second crash fails.
+    for run in range(2):
+      model_dir = testing_utils.temp_dir(self, "gba_kill_worker_")
+      # 400 steps: time for the restarted worker (a fresh TF process) to
+      # rejoin and train.
+      job = _job(self, model_dir, "--train_steps=400")
+      job.wait_for("[chief:0] Epoch 2/")
+      # Every task's gRPC server listens on loopback only.
+      with open(os.path.join(model_dir, "tasks.json")) as f:
+        for name, pid in json.load(f).items():
+          listening = sockets.listening_sockets_of(pid)
+          self.assertNotEmpty(listening, name)
+          self.assertEqual({a for a, _ in listening}, {"127.0.0.1"}, name)
+      job.kill("worker:1")
+      self.assertEqual(job.finish(), 0, job.excerpt())
+      self.assertIn("[launcher] worker:1 exited with code -9; restarting it",
+                    job.output)
+      if "[launcher] the chief was killed by signal" not in job.output:
+        break
+      self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],
+                       400)
+      # In pytest's warnings summary, where a passing run shows it too.
+      warnings.warn(f"run {run}: the chief crashed and the job resumed; "
+                    f"running again:\n{job.excerpt()}")
+    else:
+      self.fail("the chief crashed in both runs")
     phase = _read(model_dir, "phases.jsonl")[-1]
     gba = phase["gba"]
     _assert_conserved(self, gba, max_lost=1)
@@ -162,15 +180,35 @@ class FaultsTest(tf.test.TestCase):
     self.assertGreater(
         max(float(abs(saved.get_tensor(k)).max()) for k in slots), 0.0)
 
-  def test_chief_killed_then_rerun_resumes(self):
+  def test_chief_killed_resumes_from_last_checkpoint(self):
     model_dir = testing_utils.temp_dir(self, "gba_kill_chief_")
     job = _job(self, model_dir)
     job.wait_for("[chief:0] Epoch 3/")
     job.kill("chief:0")
+    # The launcher restarts the phase, as Kubernetes restarts a TFJob chief
+    # (configs/k8s/tfjob_gba.yaml: restartPolicy ExitCode).
+    self.assertEqual(job.finish(), 0, job.excerpt())
+    self.assertIn("[launcher] the chief was killed by signal 9; restarting "
+                  "the phase from the last checkpoint", job.output)
+    launch = _read(model_dir, "launch.json")
+    self.assertEqual([p["exit_code"] for p in launch["phases"]], [-9, 0])
+    phase = _read(model_dir, "phases.jsonl")[-1]
+    # Killed in loop 3: the checkpoint of loop 2 (step 80) was written.
+    self.assertGreaterEqual(phase["start_step"], 80)
+    self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],
+                     240)
+    _assert_conserved(self, phase["gba"])
+
+  def test_chief_killed_without_restart_then_rerun_resumes(self):
+    model_dir = testing_utils.temp_dir(self, "gba_kill_chief_")
+    job = _job(self, model_dir, "--norestart_tasks")
+    job.wait_for("[chief:0] Epoch 3/")
+    job.kill("chief:0")
     self.assertNotEqual(job.finish(), 0)
+    self.assertNotIn("restarting the phase", job.output)
     self.assertFalse(os.path.exists(os.path.join(model_dir, "result.json")))
     rerun = _job(self, model_dir)
-    self.assertEqual(rerun.finish(), 0, rerun.output[-3000:])
+    self.assertEqual(rerun.finish(), 0, rerun.excerpt())
     phase = _read(model_dir, "phases.jsonl")[-1]
     self.assertGreaterEqual(phase["start_step"], 80)
     self.assertEqual(_read(model_dir, "result.json")["optimizer_steps"],

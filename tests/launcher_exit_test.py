@@ -3,8 +3,9 @@
 `LocalLauncher(script=...)` runs a small script in place of `gba-train` in
 every task: real processes with real TF_CONFIGs, no TensorFlow, so each path
 takes well under a second per phase. The script exits with the code the
-test names for its task (`GBA_TEST_EXIT_CODES`, {"chief:0": 76}) and
-otherwise serves until terminated, as a PS or worker server does.
+test names for its task (`GBA_TEST_EXIT_CODES`, {"chief:0": 76}; -11 kills
+it with signal 11) and otherwise serves until terminated, as a PS or worker
+server does.
 """
 
 import io
@@ -23,6 +24,8 @@ import json, os, sys, time
 task = json.loads(os.environ["TF_CONFIG"])["task"]
 name = "%s:%d" % (task["type"], task["index"])
 codes = json.loads(os.environ["GBA_TEST_EXIT_CODES"])
+if name in codes and codes[name] < 0:
+  os.kill(os.getpid(), -codes[name])  # killed by that signal
 if name in codes:
   sys.exit(codes[name])
 time.sleep(600)
@@ -31,7 +34,7 @@ time.sleep(600)
 
 class LauncherExitTest(tf.test.TestCase):
 
-  def _launch(self, mode, codes, workers=2):
+  def _launch(self, mode, codes, workers=2, restart_tasks=True):
     work = testing_utils.temp_dir(self, "gba_exit_")
     script = os.path.join(work, "task.py")
     with open(script, "w") as f:
@@ -40,7 +43,8 @@ class LauncherExitTest(tf.test.TestCase):
     launcher = launcher_lib.LocalLauncher(
         [], workers=workers, ps=1, mode=mode,
         model_dir=os.path.join(work, "model"), out=out,
-        env={"GBA_TEST_EXIT_CODES": json.dumps(codes)}, script=script)
+        env={"GBA_TEST_EXIT_CODES": json.dumps(codes)}, script=script,
+        restart_tasks=restart_tasks)
     code = launcher.run()
     # Whatever the path, no task outlives the launcher.
     self.assertEqual(launcher._procs, {})  # pylint: disable=protected-access
@@ -63,6 +67,41 @@ class LauncherExitTest(tf.test.TestCase):
                      [tasks.EXIT_RESUME] * 4)
     self.assertEqual(out.count("restarting the phase from the last "
                                "checkpoint"), 3)
+
+  def test_a_chief_killed_by_a_signal_resumes_boundedly(self):
+    # A chief that segfaults every time: restarted from the last checkpoint
+    # three times, as after a lost PS, then its code ends the job.
+    code, launcher, out = self._launch("gba", {"chief:0": -11})
+    self.assertEqual(code, -11)
+    self.assertEqual([p.exit_code for p in launcher.phases], [-11] * 4)
+    self.assertEqual(out.count("the chief was killed by signal 11; "
+                               "restarting the phase from the last "
+                               "checkpoint"), 3)
+
+  def test_a_chief_exiting_with_an_error_ends_the_job(self):
+    # An exit code, unlike a signal, is the chief's own verdict (bad input,
+    # a failed restore): running it again would fail the same way.
+    code, launcher, out = self._launch("async", {"chief:0": 1})
+    self.assertEqual(code, 1)
+    self.assertLen(launcher.phases, 1)
+    self.assertNotIn("restarting the phase", out)
+
+  def test_a_killed_chief_ends_the_job_without_task_restarts(self):
+    code, launcher, out = self._launch("gba", {"chief:0": -9},
+                                       restart_tasks=False)
+    self.assertEqual(code, -9)
+    self.assertLen(launcher.phases, 1)
+    self.assertNotIn("restarting the phase", out)
+
+  def test_a_killed_sync_worker_0_ends_the_job(self):
+    # Sync has no coordinator: its worker 0 dying is a worker failing.
+    # (Worker 1 exits at once, as it would after the all-reduce broke,
+    # sparing the launcher's wait for it.)
+    code, launcher, out = self._launch("sync", {"worker:0": -9,
+                                                "worker:1": 0})
+    self.assertEqual(code, -9)
+    self.assertLen(launcher.phases, 1)
+    self.assertNotIn("restarting the phase", out)
 
   def test_too_many_phases_end_the_job(self):
     # An auto job whose chief (sync: worker 0) asks to switch every phase,

@@ -200,6 +200,15 @@ class LaunchedJob:
   def output(self) -> str:
     return "".join(self.lines)
 
+  def excerpt(self, tail: int = 3000) -> str:
+    """For a failure message: the output's end, after the first fatal-error
+    report of any task (a crash's thread stacks, which the end alone would
+    leave out)."""
+    out = self.output
+    start = out.find("Fatal Python error")
+    fatal = "" if start < 0 else out[start:start + 8000] + "\n[...]\n"
+    return fatal + out[-tail:]
+
   def task_pids(self):
     """`{task: pid}` of the tasks the launcher runs now ({} before any)."""
     try:

@@ -92,9 +92,11 @@ def define_flags():
   gba_flags.define_flags()
   flags.DEFINE_bool(
       "restart_tasks", True,
-      "In gba / async phases, restart a worker that dies, as Kubernetes "
-      "would. --norestart_tasks leaves dead workers down. Either way a lost "
-      "PS makes the chief resume from the last checkpoint in a new phase.")
+      "In gba / async phases, restart a worker that dies, and restart the "
+      "phase from the last checkpoint when the chief is killed by a signal, "
+      "as Kubernetes would. --norestart_tasks leaves dead workers down and "
+      "ends the job with a killed chief. Either way a lost PS makes the "
+      "chief resume from the last checkpoint in a new phase.")
 
 
 def run() -> None:

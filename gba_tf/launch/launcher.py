@@ -7,7 +7,9 @@ prefix and forward their logs, and stop them all when the job ends or
 fails. In `--mode=auto` it also performs the restarts that a switch asks
 for: when the chief exits with `switching.EXIT_SWITCH`, it starts the next
 phase in the mode that `switching.current_mode` reads from the model
-directory.
+directory. In gba and async phases it restarts a dead worker, and restarts
+the phase from the last checkpoint when the chief loses a PS or is killed
+by a signal.
 
 Topologies per mode (N = --workers, P = --ps):
 
@@ -63,7 +65,8 @@ _MAX_TASK_RESTARTS = 5
 # into one it does not recognize as a lost PS. Past this grace after a PS
 # died, a chief that has not exited fails the phase.
 _PS_LOSS_GRACE_S = 180.0
-# Phases restarted from the last checkpoint after a PS failure, per job.
+# Phases restarted from the last checkpoint after a PS failure or a chief
+# killed by a signal, per job.
 _MAX_RESUMES = 3
 
 
@@ -91,8 +94,12 @@ class LocalLauncher:
     script: a training script every task runs by path, instead of the
       `gba_tf.bin.train` module (None, the default).
     restart_tasks: in gba / async phases, restart a worker server that
-      dies; False leaves dead workers down. A dead PS makes the chief resume
-      from the last checkpoint in a new phase, either way.
+      dies, and restart the phase from the last checkpoint when the chief
+      is killed by a signal (as Kubernetes restarts a TFJob chief under
+      `restartPolicy: ExitCode`, which retries exit codes 128-255). False
+      leaves dead workers down and ends the job with a killed chief. A dead
+      PS makes the chief resume from the last checkpoint in a new phase,
+      either way.
   """
 
   def __init__(self, train_args: List[str], workers: int, ps: int,
@@ -297,6 +304,20 @@ class LocalLauncher:
           resumes += 1
           self._say("[launcher] the chief lost a parameter server; "
                     "restarting the phase from the last checkpoint\n")
+          continue
+        # A chief killed by a signal (an OOM kill, a crash: TensorFlow's
+        # recovery of a restarted worker has been seen to segfault the
+        # chief) takes its ClusterCoordinator with it, but the variables
+        # are checkpointed every loop (--checkpoint_every_loop, the
+        # default): a new phase resumes from the last one.
+        # A sync phase has no coordinator to lose; its worker 0 dying is
+        # one of its workers failing, which ends the job.
+        if (result.exit_code < 0 and mode != "sync" and self.restart_tasks
+            and resumes < _MAX_RESUMES):
+          resumes += 1
+          self._say(f"[launcher] the chief was killed by signal "
+                    f"{-result.exit_code}; restarting the phase from the "
+                    "last checkpoint\n")
           continue
         return result.exit_code
       self._say(f"[launcher] more than {_MAX_PHASES} phases; stopping.\n")
