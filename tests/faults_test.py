@@ -104,7 +104,7 @@ class FaultsTest(tf.test.TestCase):
     job = _job(self, model_dir, "--norestart_tasks")
     job.wait_for("[chief:0] Epoch 2/")
     job.kill("worker:1")
-    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    self.assertEqual(job.finish(), 0, job.excerpt())
     self.assertIn("worker:1 exited with code -9; training goes on without it",
                   job.output)
     gba = _read(model_dir, "phases.jsonl")[-1]["gba"]
@@ -127,7 +127,7 @@ class FaultsTest(tf.test.TestCase):
     ckpt_dir = os.path.join(model_dir, "ckpt")
     deadline = time.monotonic() + 60
     while not (tf.train.latest_checkpoint(ckpt_dir) or "").endswith("-80"):
-      self.assertLess(time.monotonic(), deadline, job.output[-3000:])
+      self.assertLess(time.monotonic(), deadline, job.excerpt())
       time.sleep(0.01)
     latest = tf.train.latest_checkpoint(ckpt_dir)
     job.kill("ps:0")
@@ -137,7 +137,7 @@ class FaultsTest(tf.test.TestCase):
     for path in glob.glob(latest + ".*"):
       shutil.copy(path, kept)
     last_before_kill = os.path.join(kept, os.path.basename(latest))
-    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    self.assertEqual(job.finish(), 0, job.excerpt())
     self.assertIn("lost a parameter server", job.output)
     # The PS is not restarted in place (a fresh, empty PS on the same port
     # would race the chief's detection): the next phase starts a new one.
@@ -217,7 +217,7 @@ class FaultsTest(tf.test.TestCase):
   def test_nonfinite_gradients_from_one_worker_are_rejected(self):
     model_dir = testing_utils.temp_dir(self, "gba_nan_")
     job = _job(self, model_dir, "--inject_nonfinite_worker=1", "--train_steps=60")
-    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    self.assertEqual(job.finish(), 0, job.excerpt())
     gba = _read(model_dir, "phases.jsonl")[-1]["gba"]
     # Every gradient of worker 1 is rejected and counted, none applied.
     self.assertGreater(gba["worker_pushed"][1], 0)

@@ -50,7 +50,7 @@ class InstalledWheelTest(tf.test.TestCase):
         self, model_dir, *_TINY, command=[os.path.join(site, "bin",
                                                        "gba-launch")],
         cwd=work, env=env)
-    self.assertEqual(job.finish(), 0, job.output[-3000:])
+    self.assertEqual(job.finish(), 0, job.excerpt())
     result = testing_utils.read_job_file(model_dir, "result.json")
     self.assertEqual(result["optimizer_steps"], 6)
     launch = testing_utils.read_job_file(model_dir, "launch.json")

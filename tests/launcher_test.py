@@ -179,7 +179,7 @@ class LaunchLocalTest(tf.test.TestCase):
     # with 128 + 15 and takes every task down with it.
     job = _training_job(self, "gba_term_")
     job.proc.terminate()
-    self.assertEqual(job.finish(timeout=120), 143, job.output[-3000:])
+    self.assertEqual(job.finish(timeout=120), 143, job.excerpt())
     self.assertEqual(job.live_tasks(), {})
 
   def test_sigkill_of_the_launcher_takes_every_task_with_it(self):

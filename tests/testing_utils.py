@@ -221,7 +221,7 @@ class LaunchedJob:
     deadline = time.monotonic() + timeout
     while text not in self.output:
       if self.proc.poll() is not None or time.monotonic() > deadline:
-        raise AssertionError(f"never saw {text!r}:\n{self.output[-3000:]}")
+        raise AssertionError(f"never saw {text!r}:\n{self.excerpt()}")
       time.sleep(0.1)
 
   def kill(self, task: str) -> None:
@@ -234,7 +234,7 @@ class LaunchedJob:
       self.proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired as e:
       raise AssertionError(
-          f"job still running after {timeout} s:\n{self.output[-3000:]}"
+          f"job still running after {timeout} s:\n{self.excerpt()}"
       ) from e
     self._reader.join(timeout=5)
     return self.proc.returncode

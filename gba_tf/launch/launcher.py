@@ -265,6 +265,22 @@ class LocalLauncher:
     self.stop()
     return PhaseResult(mode, code, time.monotonic() - start)
 
+  def _resume_reason(self, mode: str, code: int) -> Optional[str]:
+    """Why a phase whose chief exited with `code` resumes from the last
+    checkpoint, or None if the job ends with it."""
+    if code == tasks.EXIT_RESUME:
+      return "lost a parameter server"
+    # A chief killed by a signal (an OOM kill, a crash: TensorFlow's
+    # recovery of a restarted worker has been seen to segfault the chief)
+    # takes its ClusterCoordinator with it, but the variables are
+    # checkpointed every loop (--checkpoint_every_loop, the default): a new
+    # phase resumes from the last one. A sync phase has no coordinator to
+    # lose; its worker 0 dying is one of its workers failing, which ends
+    # the job.
+    if code < 0 and mode != "sync" and self.restart_tasks:
+      return f"was killed by signal {-code}"
+    return None
+
   def stop(self) -> None:
     """Stops every task of the current phase (SIGTERM, then SIGKILL)."""
     tasks.terminate(self._procs.values())
@@ -299,25 +315,11 @@ class LocalLauncher:
                   f"{result.seconds:.1f} s with code {result.exit_code}\n")
         if result.exit_code == switching.EXIT_SWITCH and self.mode == "auto":
           continue
-        if (result.exit_code == tasks.EXIT_RESUME and
-            resumes < _MAX_RESUMES):
+        why = self._resume_reason(mode, result.exit_code)
+        if why and resumes < _MAX_RESUMES:
           resumes += 1
-          self._say("[launcher] the chief lost a parameter server; "
-                    "restarting the phase from the last checkpoint\n")
-          continue
-        # A chief killed by a signal (an OOM kill, a crash: TensorFlow's
-        # recovery of a restarted worker has been seen to segfault the
-        # chief) takes its ClusterCoordinator with it, but the variables
-        # are checkpointed every loop (--checkpoint_every_loop, the
-        # default): a new phase resumes from the last one.
-        # A sync phase has no coordinator to lose; its worker 0 dying is
-        # one of its workers failing, which ends the job.
-        if (result.exit_code < 0 and mode != "sync" and self.restart_tasks
-            and resumes < _MAX_RESUMES):
-          resumes += 1
-          self._say(f"[launcher] the chief was killed by signal "
-                    f"{-result.exit_code}; restarting the phase from the "
-                    "last checkpoint\n")
+          self._say(f"[launcher] the chief {why}; restarting the phase from "
+                    "the last checkpoint\n")
           continue
         return result.exit_code
       self._say(f"[launcher] more than {_MAX_PHASES} phases; stopping.\n")
