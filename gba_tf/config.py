@@ -43,7 +43,8 @@ NORMALIZATIONS = ("global_batch", "weights")
 # per run, where it halved 6-25): the defaults +0.0001 [-0.0006, +0.0007]
 # against healthy sync; no decay against them +0.0006 [-0.0004, +0.0015]
 # (seeds 0-4 alone +0.0013, seeds 5-9 +0.0000). So at convergence the decay
-# has helped on neither dataset, and costs at most about 0.001 on this one.
+# has helped on neither dataset; on this one it costs 0.0006 (the
+# interval's upper end 0.0015).
 # On the converged synthetic DCN-v2 job (2,500 steps, same straggler, 5
 # seeds; README "Synthetic data at convergence") the straggler's gradients
 # arrive 1-2 steps stale, the decay touches at most 3 of 10,000, and no
