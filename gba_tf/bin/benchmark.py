@@ -122,7 +122,8 @@ CONVERGE = {
     # (seed 0) trained for 4,000 steps, evaluated every 100: 0.7811 at
     # 1,000, its peak 0.7855 at 1,700, 0.7788 at 2,000, then overfitting
     # down to 0.7620 at 4,000; at 2,000 it gained -0.0038 over the last
-    # 20% (plateaued). So 2,000 steps (25.6 passes), evaluated every 100.
+    # 20% (plateaued; docs/results/converge_movielens_sync_4000_steps.json).
+    # So 2,000 steps (25.6 passes), evaluated every 100.
     # Emulated compute as in the mode comparison (50 ms), so that a 1/4
     # straggler also slows sync (at 20 ms it did not: the CPU bound first).
     "movielens": ["--dataset=movielens", "--model=embedding_mlp",
