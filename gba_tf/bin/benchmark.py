@@ -118,12 +118,13 @@ CONVERGE = {
     # Sync's held-out AUC plateaus here. At 1,000 steps (12.8 passes over
     # the 80,000 ratings; one process on the same global batch had shown
     # 0.780 at 800 and at 1,000) healthy sync on 4 workers still gained
-    # 0.0011-0.0063 over the last 20% in 33 of its 35 stored runs. Healthy sync
-    # (seed 0) trained for 4,000 steps, evaluated every 100: 0.7811 at
-    # 1,000, its peak 0.7855 at 1,700, 0.7788 at 2,000, then overfitting
-    # down to 0.7620 at 4,000; at 2,000 it gained -0.0038 over the last
-    # 20% (plateaued; docs/results/converge_movielens_sync_4000_steps.json).
-    # So 2,000 steps (25.6 passes), evaluated every 100.
+    # 0.0011-0.0063 over the last 20% in 33 of its 35 stored runs.
+    # Healthy sync (seed 0) trained for 4,000 steps, evaluated every 100:
+    # 0.7811 at 1,000, its peak 0.7855 at 1,700, 0.7788 at 2,000, then
+    # overfitting down to 0.7620 at 4,000; at 2,000 it gained -0.0038
+    # over the last 20% (docs/results/converge_movielens_sync_4000_steps.json).
+    # So 2,000 steps (25.6 passes), evaluated every 100: healthy sync then
+    # plateaued in 5 of 5 seeds (converge_movielens_plateau.json).
     # Emulated compute as in the mode comparison (50 ms), so that a 1/4
     # straggler also slows sync (at 20 ms it did not: the CPU bound first).
     "movielens": ["--dataset=movielens", "--model=embedding_mlp",
