@@ -30,7 +30,7 @@ NORMALIZATIONS = ("global_batch", "weights")
 # exponential 0.5 keeps the healthy workers' gradients whole, halves the
 # straggler's per step of staleness beyond 2, and discards no computed work
 # (dropping was as good here but throws away the straggler's batches).
-# At convergence (`--converge --ablation`, MovieLens-100K embedding MLP,
+# Near convergence (`--converge --ablation`, MovieLens-100K embedding MLP,
 # 1,000 steps, worker 1 at 1/4 speed, 5 seeds; README "Results"), no variant
 # differed from these defaults beyond seed noise: paired against them, no
 # decay +0.0015 [-0.0008, +0.0038] AUC, dividing by the sum of the weights
@@ -42,11 +42,14 @@ NORMALIZATIONS = ("global_batch", "weights")
 # gradients now arrive 3 steps stale and the decay halves 245-260 of 4,000
 # per run, where it halved 6-25): the defaults +0.0001 [-0.0006, +0.0007]
 # against healthy sync; no decay against them +0.0006 [-0.0004, +0.0015]
-# (seeds 0-4 alone +0.0013, seeds 5-9 +0.0000). So at convergence the decay
-# has helped on neither dataset; on this one it costs 0.0006 (the
-# interval's upper end 0.0015).
-# On the converged synthetic DCN-v2 job (2,500 steps, same straggler, 5
-# seeds; README "Synthetic data at convergence") the straggler's gradients
+# (seeds 0-4 alone +0.0013, seeds 5-9 +0.0000). So near convergence the
+# decay has helped on neither dataset; on this one it costs 0.0006 (the
+# interval's upper end 0.0015). At this job's plateau (2,000 steps) the
+# decay halves 493-532 of each run's 8,000 gradients; it was not ablated
+# there.
+# On the synthetic DCN-v2 job near convergence (2,500 steps, short of its
+# plateau at about 5,000; same straggler, 5 seeds; README "Synthetic data
+# near convergence") the straggler's gradients
 # arrive 1-2 steps stale, the decay touches at most 3 of 10,000, and no
 # decay / sum-of-weights runs differ from the defaults' by +0.0008
 # [-0.0003, +0.0019] / +0.0002 [-0.0010, +0.0014]: run-to-run noise, so
