@@ -46,7 +46,7 @@ NORMALIZATIONS = ("global_batch", "weights")
 # decay has helped on neither dataset; on this one it costs 0.0006 (the
 # interval's upper end 0.0015). At this job's plateau (2,000 steps, 5
 # seeds; README "Accuracy at the plateau: MovieLens-100K") the decay halves
-# 466-522 of each run's 8,000 gradients; no decay ends +0.0005 [-0.0029,
+# 493-522 of each run's 8,000 gradients; no decay ends +0.0005 [-0.0029,
 # +0.0039] against healthy sync where these defaults end -0.0010 [-0.0048,
 # +0.0028] (no decay minus them +0.0015 [-0.0006, +0.0036], above in 4 of
 # 5 seeds), and dividing by the sum of the weights differs from dividing by
