@@ -56,9 +56,9 @@ NORMALIZATIONS = ("global_batch", "weights")
 # `decay="none"` suits a job like this one.
 # On the synthetic DCN-v2 job near convergence (2,500 steps, short of its
 # plateau at about 5,000; same straggler, 5 seeds; README "Synthetic data
-# near convergence") the straggler's gradients
-# arrive 1-2 steps stale, the decay touches at most 3 of 10,000, and no
-# decay / sum-of-weights runs differ from the defaults' by +0.0008
+# near convergence") the straggler's gradients arrive 1-2 steps stale, the
+# decay touches at most 3 of 10,000, and no decay / sum-of-weights runs
+# differ from the defaults' by +0.0008
 # [-0.0003, +0.0019] / +0.0002 [-0.0010, +0.0014]: run-to-run noise, so
 # that job cannot choose between them either. Halving the weight of the
 # one-step-stale gradients there (threshold 0, sum of weights; 39-43% of
