@@ -217,6 +217,59 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
     with open(os.path.join(out, "converge_tiny.json")) as f:
       self.assertEqual(json.load(f)["runs"], runs)
 
+    # --reference: a JSON holding GBA's runs only, resumed with healthy
+    # sync's runs taken from the first JSON, runs no job and pairs as the
+    # first did; the taken runs' wall seconds count in its seconds.
+    reference = os.path.join(out, "converge_tiny.json")
+    other = os.path.join(out, "other")
+    os.makedirs(other)
+    gba_runs = [r for r in runs if r["mode"] == "gba"]
+    with open(os.path.join(other, "converge_tiny.json"), "w") as f:
+      json.dump(dict(report, runs=gba_runs, seconds=100.0), f)
+    proc = _benchmark(other, "--resume", f"--reference={reference}")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("2 healthy sync runs taken", proc.stdout)
+    self.assertNotIn("test AUC", proc.stdout)
+    with open(os.path.join(other, "converge_tiny.json")) as f:
+      paired = json.load(f)
+    self.assertEqual(paired["reference"], reference)
+    sync_runs = [r for r in runs if r["mode"] == "sync"]
+    self.assertEqual(paired["runs"], gba_runs + [
+        dict(r, reference="converge_tiny.json") for r in sync_runs])
+    # The same pairing (the summary lists cases in the runs' order).
+    def by_case(summary):
+      return {(e["dataset"], e["condition"], e["mode"]): e for e in summary}
+    with open(reference) as f:
+      self.assertEqual(by_case(paired["summary"]),
+                       by_case(json.load(f)["summary"]))
+    # 100 s of GBA's plus sync's wall seconds, plus this command's own.
+    copied = 100.0 + sum(r["wall_seconds"] for r in sync_runs)
+    self.assertBetween(paired["seconds"], copied, copied + 120)
+    # A reference of another job's arguments, a missing one, or one without
+    # --converge: one line naming it, nothing written.
+    for args, named in (
+        ([f"--reference={reference}", "--learning_rate=0.5"],
+         "--learning_rate=0.5"),
+        ([f"--reference={other}/missing.json"], "missing.json"),
+        ([f"--reference={os.path.join(out, 'converge_tiny_auc.png')}"],
+         "converge_tiny_auc.png")):
+      proc = _benchmark(os.path.join(out, "none"), *args)
+      self.assertEqual(proc.returncode, 2, proc.stdout[-2000:])
+      error = proc.stderr.strip().splitlines()[-1]
+      self.assertIn("Received: --reference", error)
+      self.assertIn(named, error)
+      self.assertFalse(os.path.exists(os.path.join(out, "none",
+                                                   "converge_tiny.json")))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                      "benchmark.py"), "--tiny",
+         f"--reference={reference}", f"--out_dir={out}/none"],
+        cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=600,
+        check=False)
+    self.assertEqual(proc.returncode, 2, proc.stdout[-2000:])
+    self.assertIn(f"Received: --reference={reference} without --converge",
+                  proc.stderr.strip().splitlines()[-1])
+
 
 def _benchmark(out, *args):
   """`gba-benchmark --converge --tiny` writing to `out`."""
@@ -292,6 +345,54 @@ class ResumedRowsTest(tf.test.TestCase):
     # A stored case this command does not run at all.
     with self.assertRaisesRegex(ValueError, "Received: --resume"):
       benchmark.resumed_rows(self._report(2), 5, lambda row: None)
+
+
+class ReferenceRowsTest(tf.test.TestCase):
+  """`benchmark.reference_rows`: which runs --reference takes."""
+
+  def _report(self):
+    runs = [{"dataset": d, "condition": c, "mode": m, "repeat": r,
+             "args": [f"--dataset={d}", f"--mode={m}", f"--seed={r}"]}
+            for d in ("movielens", "synthetic") for r in range(3)
+            for c, m in (("healthy", "sync"), ("straggler", "gba"),
+                         ("straggler", "sync"))]
+    return {"name": "converge", "command": "benchmark.py --converge",
+            "runs": runs}
+
+  @staticmethod
+  def _synthetic(row):
+    # A command running synthetic data only.
+    if row["dataset"] != "synthetic":
+      return None
+    return [f"--dataset={row['dataset']}", f"--mode={row['mode']}",
+            f"--seed={row['repeat']}"]
+
+  def test_takes_healthy_sync_of_this_commands_datasets_and_seeds(self):
+    # 18 runs: of them, healthy sync on synthetic data, seeds 0 and 1 (2
+    # seeds asked); seed 1 is already kept by --resume, so only seed 0.
+    rows = benchmark.reference_rows(
+        self._report(), 2, self._synthetic,
+        kept={("synthetic", "healthy", "sync", 1)}, source="c.json")
+    self.assertEqual([(r["dataset"], r["condition"], r["mode"], r["repeat"],
+                       r["reference"]) for r in rows],
+                     [("synthetic", "healthy", "sync", 0, "c.json")])
+    # Copies: the report's runs are not marked.
+    self.assertNotIn("reference", self._report()["runs"][0])
+
+  def test_none_or_other_arguments_is_one_line(self):
+    with self.assertRaisesRegex(
+        ValueError, r"Received: --reference with converge.json, which "
+        r"holds no healthy sync run of this command's datasets and seeds "
+        r"0-1\. Its command: benchmark.py --converge"):
+      benchmark.reference_rows(self._report(), 2, lambda row: None)
+    def other_rate(row):
+      args = self._synthetic(row)
+      return None if args is None else args + ["--learning_rate=0.5"]
+    with self.assertRaisesRegex(
+        ValueError, r"Received: --reference with converge.json, whose seed "
+        r"0 ran other job arguments \(differing: --learning_rate=0.5\); "
+        r"run it without --reference"):
+      benchmark.reference_rows(self._report(), 2, other_rate)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,13 @@ def define_flags():
       "on where it stopped). --converge keeps every stored run of a case "
       "this command runs, so that more modes or seeds can be added to a "
       "finished run; --switching keeps whole seeds.")
+  flags.DEFINE_string(
+      "reference", None, "--converge: take healthy sync's runs from this "
+      "--converge JSON (e.g. docs/results/converge_synthetic_plateau.json) "
+      "instead of running them, seed by seed, so that new modes pair with "
+      "stored runs; their job arguments must be this command's. Their wall "
+      "seconds count in the new JSON's seconds; each is marked with its "
+      "`reference`.")
 
 
 def _plan():
@@ -281,7 +288,7 @@ def _user_args():
   """This command's own flags, forwarded to every run (flagfile first)."""
   own = {"quick", "tiny", "ablation", "repeats", "modes", "conditions",
          "out_dir", "name", "base_flagfile", "converge", "datasets",
-         "switching", "paths", "resume"}
+         "switching", "paths", "resume", "reference"}
   return [a for a in sys.argv[1:]
           if a.lstrip("-").split("=")[0].removeprefix("no") not in own]
 
@@ -361,7 +368,8 @@ def _complete_seeds(report) -> int:
   return done
 
 
-def resumed_rows(report, seeds, expected_args, whole_seeds=True):
+def resumed_rows(report, seeds, expected_args, whole_seeds=True,
+                 flag="--resume"):
   """The rows of `report` (a --converge / --switching JSON) to keep, and
   the first seed left to run.
 
@@ -375,7 +383,7 @@ def resumed_rows(report, seeds, expected_args, whole_seeds=True):
   first kept run whose job arguments differ from `expected_args(row)`,
   this command's for the same case and seed (None: a case this command
   does not run), since pairing seeds of two different jobs would mean
-  nothing.
+  nothing; the message names `flag`, the option that read `report`.
 
   Example:
 
@@ -401,17 +409,17 @@ def resumed_rows(report, seeds, expected_args, whole_seeds=True):
       case = " ".join(str(row[k]) for k in ("dataset", "condition", "mode",
                                             "path") if row.get(k))
       raise ValueError(
-          f"Received: --resume with {report['name']}.json, which holds a "
+          f"Received: {flag} with {report['name']}.json, which holds a "
           f"run ({case}, seed {row['repeat']}) this command does not run; "
-          f"name its mode and condition too, or run without --resume. "
+          f"name its mode and condition too, or run without {flag}. "
           f"Its command: {report['command']}")
     stored, expected = _job(row["args"]), _job(expected)
     if stored != expected:
       diff = sorted(set(stored) ^ set(expected))
       raise ValueError(
-          f"Received: --resume with {report['name']}.json, whose seed "
+          f"Received: {flag} with {report['name']}.json, whose seed "
           f"{row['repeat']} ran other job arguments (differing: "
-          f"{' '.join(diff)}); run it without --resume, or with its command: "
+          f"{' '.join(diff)}); run it without {flag}, or with its command: "
           f"{report['command']}")
   return rows, (done if whole_seeds else 0)
 
@@ -432,6 +440,71 @@ def _resume(name, seeds, expected_args, whole_seeds):
   # run's.
   return rows, first, report["seconds"] * len(rows) / max(
       len(report["runs"]), 1)
+
+
+def reference_rows(report, seeds, expected_args, kept=(), source=""):
+  """Healthy sync's runs of `report` (a --converge JSON) for --reference:
+  those of a dataset this command runs (`expected_args(row)` is not None)
+  and a seed below `seeds`, less those whose (dataset, condition, mode,
+  seed) is in `kept` (runs --resume kept), each a copy marked with its
+  `reference`, `source`. Raises ValueError naming `report` if it holds none
+  such or one ran other job arguments (`resumed_rows`).
+
+  Example:
+
+  >>> sync = {"dataset": "d", "condition": "healthy", "mode": "sync",
+  ...         "repeat": 0, "args": ["--seed=0"]}
+  >>> gba = dict(sync, condition="straggler", mode="gba")
+  >>> report = {"name": "converge", "command": "benchmark.py --converge",
+  ...           "runs": [sync, gba, dict(sync, repeat=1, args=["--seed=1"])]}
+  >>> rows = reference_rows(report, 5, lambda r: r["args"],
+  ...                       source="converge.json")
+  >>> [(r["mode"], r["repeat"], r["reference"]) for r in rows]
+  [('sync', 0, 'converge.json'), ('sync', 1, 'converge.json')]
+  >>> [r["repeat"] for r in reference_rows(
+  ...     report, 5, lambda r: r["args"], kept={("d", "healthy", "sync", 0)})]
+  [1]
+  """
+  runs = [r for r in report["runs"]
+          if (r["condition"], r["mode"]) == ("healthy", "sync")
+          and r["repeat"] < seeds and expected_args(r) is not None]
+  if not runs:
+    raise ValueError(
+        f"Received: --reference with {report['name']}.json, which holds no "
+        f"healthy sync run of this command's datasets and seeds 0-{seeds - 1}"
+        f". Its command: {report['command']}")
+  rows, _ = resumed_rows(dict(report, runs=runs), seeds, expected_args,
+                         whole_seeds=False, flag="--reference")
+  kept = set(kept)
+  return [dict(r, reference=source) for r in rows
+          if (r["dataset"], r["condition"], r["mode"], r["repeat"])
+          not in kept]
+
+
+def _reference(resume, seeds, expected_args):
+  """`resume` ((rows, first seed, seconds spent)) with --reference's rows
+  added and their wall seconds counted; `resume` itself without it. Raises
+  ValueError naming a missing JSON or another job's."""
+  if not FLAGS.reference:
+    return resume
+  path = FLAGS.reference
+  if not os.path.isfile(path):
+    raise ValueError(f"Received: --reference={path}, which does not exist.")
+  try:
+    report = _read(path)
+    if not isinstance(report.get("runs"), list):
+      raise KeyError("runs")
+  except (ValueError, AttributeError, KeyError) as e:
+    raise ValueError(f"Received: --reference={path}, which is not a "
+                     f"--converge JSON ({type(e).__name__}: {e}).") from e
+  rows, first, spent = resume
+  kept = {(r["dataset"], r["condition"], r["mode"], r["repeat"])
+          for r in rows}
+  added = reference_rows(report, seeds, expected_args, kept,
+                         source=os.path.basename(path))
+  print(f"reference {path}: {len(added)} healthy sync runs taken",
+        flush=True)
+  return rows + added, first, spent + sum(r["wall_seconds"] for r in added)
 
 
 def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
@@ -785,6 +858,8 @@ def converge_main(name, cases, seeds, flagfile, resume) -> int:
   print(f"{name}: {len(cases)} cases x {seeds} seeds = {total} jobs "
         f"({len(rows)} kept); logs in {log_dir}", flush=True)
   start = time.perf_counter() - spent
+  # Where healthy sync's runs came from, if another JSON (--reference).
+  reference = {"reference": FLAGS.reference} if FLAGS.reference else {}
   # Seed-major: drift in the machine's speed spreads over every case.
   for seed in range(seeds):
     for dataset, condition, mode, args, job in cases:
@@ -805,11 +880,11 @@ def converge_main(name, cases, seeds, flagfile, resume) -> int:
       # A long run that dies keeps the runs done so far (--resume runs the
       # rest).
       _write_json(name, start, summarize_converge(rows), rows,
-                  partial_seeds=seed + 1)
+                  partial_seeds=seed + 1, **reference)
   summary = summarize_converge(rows)
   print()
   print(converge_table(summary))
-  stem = _write_json(name, start, summary, rows,
+  stem = _write_json(name, start, summary, rows, **reference,
                      plateau={"fraction": convergence.PLATEAU_FRACTION,
                               "min_gain": convergence.PLATEAU_MIN_GAIN})
   plot_converge(rows, stem)
@@ -1000,6 +1075,9 @@ def main(argv):
     if FLAGS.resume and not (FLAGS.converge or FLAGS.switching):
       raise ValueError("Received: --resume without --converge or "
                        "--switching; only their seeds can be resumed.")
+    if FLAGS.reference is not None and not FLAGS.converge:
+      raise ValueError(f"Received: --reference={FLAGS.reference} without "
+                       "--converge; only its runs pair with healthy sync.")
     plan = (_converge_plan() if FLAGS.converge else
             _switching_plan() if FLAGS.switching else _plan())
     flagfile = base_flagfile()
@@ -1009,6 +1087,9 @@ def main(argv):
       resume = _resume(name, seeds,
                        lambda row: expected(cases, row, flagfile),
                        whole_seeds=FLAGS.switching)
+      if FLAGS.converge:
+        resume = _reference(resume, seeds,
+                            lambda row: expected(cases, row, flagfile))
   except ValueError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
