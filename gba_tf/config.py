@@ -50,10 +50,13 @@ NORMALIZATIONS = ("global_batch", "weights")
 # +0.0039] against healthy sync where these defaults end -0.0010 [-0.0048,
 # +0.0028] (no decay minus them +0.0015 [-0.0006, +0.0036], above in 4 of
 # 5 seeds), and dividing by the sum of the weights differs from dividing by
-# M by -0.0005 [-0.0035, +0.0025]. So on this job the decay costs 0.0006 /
-# 0.0015 at the two budgets, neither shown to differ from 0; the decay is
-# kept for the severely stale gradients it exists for (tau <= 4 here) and
-# `decay="none"` suits a job like this one.
+# M by -0.0005 [-0.0035, +0.0025]. With 10 seeds at the plateau (5 more,
+# README "Ten seeds"; converge_movielens_plateau_no_decay_10_seeds.json)
+# that lead is gone: the defaults end -0.0011 [-0.0032, +0.0011] and no
+# decay -0.0013 [-0.0051, +0.0025] against healthy sync, no decay minus
+# the defaults -0.0002 [-0.0032, +0.0027] (above in 5 of 10 seeds). So on
+# this job no evidence favours either; the decay is kept for the severely
+# stale gradients it exists for (tau <= 4 here).
 # On the synthetic DCN-v2 job near convergence (2,500 steps, short of its
 # plateau at about 5,000; same straggler, 5 seeds; README "Synthetic data
 # near convergence") the straggler's gradients arrive 1-2 steps stale, the
