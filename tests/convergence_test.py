@@ -260,23 +260,21 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
       self.assertIn(named, error)
       self.assertFalse(os.path.exists(os.path.join(out, "none",
                                                    "converge_tiny.json")))
-    proc = subprocess.run(
-        [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
-                                      "benchmark.py"), "--tiny",
-         f"--reference={reference}", f"--out_dir={out}/none"],
-        cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=600,
-        check=False)
+    proc = _benchmark(os.path.join(out, "none"), f"--reference={reference}",
+                      converge=False)
     self.assertEqual(proc.returncode, 2, proc.stdout[-2000:])
     self.assertIn(f"Received: --reference={reference} without --converge",
                   proc.stderr.strip().splitlines()[-1])
 
 
-def _benchmark(out, *args):
-  """`gba-benchmark --converge --tiny` writing to `out`."""
+def _benchmark(out, *args, converge=True):
+  """`gba-benchmark --converge --tiny` (without --converge: `--tiny`)
+  writing to `out`."""
   return subprocess.run(
       [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
                                     "benchmark.py"),
-       "--converge", "--tiny", f"--out_dir={out}", *args],
+       *(["--converge"] if converge else []), "--tiny", f"--out_dir={out}",
+       *args],
       cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=600,
       check=False)
 

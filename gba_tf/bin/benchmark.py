@@ -442,6 +442,12 @@ def _resume(name, seeds, expected_args, whole_seeds):
       len(report["runs"]), 1)
 
 
+def _run_key(row):
+  """A --converge run's (dataset, condition, mode, seed): what --resume and
+  --reference match stored runs by."""
+  return row["dataset"], row["condition"], row["mode"], row["repeat"]
+
+
 def reference_rows(report, seeds, expected_args, kept=(), source=""):
   """Healthy sync's runs of `report` (a --converge JSON) for --reference:
   those of a dataset this command runs (`expected_args(row)` is not None)
@@ -476,9 +482,7 @@ def reference_rows(report, seeds, expected_args, kept=(), source=""):
   rows, _ = resumed_rows(dict(report, runs=runs), seeds, expected_args,
                          whole_seeds=False, flag="--reference")
   kept = set(kept)
-  return [dict(r, reference=source) for r in rows
-          if (r["dataset"], r["condition"], r["mode"], r["repeat"])
-          not in kept]
+  return [dict(r, reference=source) for r in rows if _run_key(r) not in kept]
 
 
 def _reference(resume, seeds, expected_args):
@@ -498,9 +502,8 @@ def _reference(resume, seeds, expected_args):
     raise ValueError(f"Received: --reference={path}, which is not a "
                      f"--converge JSON ({type(e).__name__}: {e}).") from e
   rows, first, spent = resume
-  kept = {(r["dataset"], r["condition"], r["mode"], r["repeat"])
-          for r in rows}
-  added = reference_rows(report, seeds, expected_args, kept,
+  added = reference_rows(report, seeds, expected_args,
+                         {_run_key(r) for r in rows},
                          source=os.path.basename(path))
   print(f"reference {path}: {len(added)} healthy sync runs taken",
         flush=True)
@@ -852,8 +855,7 @@ def converge_main(name, cases, seeds, flagfile, resume) -> int:
   log_dir = _log_dir(name)
   rows, _, spent = resume
   # Runs --resume kept: their (case, seed) is not run again.
-  kept = {(r["dataset"], r["condition"], r["mode"], r["repeat"])
-          for r in rows}
+  kept = {_run_key(r) for r in rows}
   total = len(cases) * seeds
   print(f"{name}: {len(cases)} cases x {seeds} seeds = {total} jobs "
         f"({len(rows)} kept); logs in {log_dir}", flush=True)
@@ -1084,12 +1086,12 @@ def main(argv):
     if FLAGS.converge or FLAGS.switching:
       name, cases, seeds = plan
       expected = converge_args if FLAGS.converge else path_args
-      resume = _resume(name, seeds,
-                       lambda row: expected(cases, row, flagfile),
+      def expected_args(row):
+        return expected(cases, row, flagfile)
+      resume = _resume(name, seeds, expected_args,
                        whole_seeds=FLAGS.switching)
       if FLAGS.converge:
-        resume = _reference(resume, seeds,
-                            lambda row: expected(cases, row, flagfile))
+        resume = _reference(resume, seeds, expected_args)
   except ValueError as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
     return 2
