@@ -34,6 +34,7 @@ setuptools.setup(
             "gba-launch=gba_tf.bin.launch_local:run",
             "gba-benchmark=gba_tf.bin.benchmark:run",
             "gba-simulate=gba_tf.bin.simulate:run",
+            "gba-compare=gba_tf.bin.compare:run",
         ],
     },
     extras_require={
