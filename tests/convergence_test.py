@@ -41,6 +41,32 @@ class PlateauTest(tf.test.TestCase):
       convergence.plateau_gain(_curve([(0, 0.5)]))
 
 
+class ReadConvergeJsonTest(tf.test.TestCase):
+
+  def test_a_report_and_each_bad_file(self):
+    tmp = self.get_temp_dir()
+    good, no_runs, broken = (os.path.join(tmp, n) for n in
+                             ("good.json", "no_runs.json", "broken.json"))
+    with open(good, "w") as f:
+      json.dump({"runs": [{"seed": 0}]}, f)
+    with open(no_runs, "w") as f:
+      json.dump({"cases": []}, f)
+    with open(broken, "w") as f:
+      f.write("{")
+    self.assertEqual(convergence.read_converge_json(good)["runs"],
+                     [{"seed": 0}])
+    # Each reason completes a caller's "Received: ..." line.
+    for path, reason in [(os.path.join(tmp, "none.json"), "does not exist"),
+                         (no_runs, "is not a --converge JSON (KeyError: "
+                                   "'runs')"),
+                         (broken, "is not a --converge JSON "
+                                  "(JSONDecodeError: ")]:
+      with self.assertRaises(ValueError) as raised:
+        convergence.read_converge_json(path)
+      self.assertTrue(str(raised.exception).startswith(reason),
+                      str(raised.exception))
+
+
 class PairedDifferenceTest(tf.test.TestCase):
 
   def test_mean_and_interval_by_hand(self):

@@ -492,15 +492,10 @@ def _reference(resume, seeds, expected_args):
   if not FLAGS.reference:
     return resume
   path = FLAGS.reference
-  if not os.path.isfile(path):
-    raise ValueError(f"Received: --reference={path}, which does not exist.")
   try:
-    report = _read(path)
-    if not isinstance(report.get("runs"), list):
-      raise KeyError("runs")
-  except (ValueError, AttributeError, KeyError) as e:
-    raise ValueError(f"Received: --reference={path}, which is not a "
-                     f"--converge JSON ({type(e).__name__}: {e}).") from e
+    report = convergence.read_converge_json(path)
+  except ValueError as e:
+    raise ValueError(f"Received: --reference={path}, which {e}.") from e
   rows, first, spent = resume
   added = reference_rows(report, seeds, expected_args,
                          {_run_key(r) for r in rows},

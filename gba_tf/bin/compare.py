@@ -22,7 +22,6 @@ and in how many seeds `runs` is above; with --json=PATH it also writes them.
 """
 
 import json
-import os
 import sys
 
 from absl import app
@@ -126,18 +125,11 @@ def compare(runs, against):
 
 def _load(flag):
   path, condition, mode = parse_side(flag, FLAGS[flag].value)
-  if not os.path.isfile(path):
-    raise ValueError(f"Received: --{flag}={FLAGS[flag].value}, but {path} "
-                     "does not exist.")
   try:
-    with open(path) as f:
-      report = json.load(f)
-    if not isinstance(report.get("runs"), list):
-      raise KeyError("runs")
-  except (ValueError, AttributeError, KeyError) as e:
+    report = convergence.read_converge_json(path)
+  except ValueError as e:
     raise ValueError(f"Received: --{flag}={FLAGS[flag].value}, but {path} "
-                     f"is not a --converge JSON ({type(e).__name__}: {e})."
-                     ) from e
+                     f"{e}.") from e
   return select(report, condition, mode, FLAGS.dataset,
                 source=f"--{flag}={FLAGS[flag].value}")
 

@@ -24,7 +24,9 @@ Example:
 (0.015, 2)
 """
 
+import json
 import math
+import os
 import statistics
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -103,3 +105,23 @@ def meets_target(difference: Mapping[str, float],
   if difference["n"] < 2:
     return None
   return difference["mean"] >= mean and difference["low"] > lower
+
+
+def read_converge_json(path: str) -> dict:
+  """A stored `--converge` JSON (a dict with a list of "runs").
+
+  Raises ValueError whose text completes a caller's "Received: ..." line:
+  "does not exist" or "is not a --converge JSON (<why>)", so that every
+  command that reads one says the same thing of a bad file.
+  """
+  if not os.path.isfile(path):
+    raise ValueError("does not exist")
+  try:
+    with open(path) as f:
+      report = json.load(f)
+    if not isinstance(report.get("runs"), list):
+      raise KeyError("runs")
+  except (ValueError, AttributeError, KeyError) as e:
+    raise ValueError(f"is not a --converge JSON ({type(e).__name__}: {e})"
+                     ) from e
+  return report
