@@ -56,7 +56,14 @@ NORMALIZATIONS = ("global_batch", "weights")
 # decay -0.0013 [-0.0051, +0.0025] against healthy sync, no decay minus
 # the defaults -0.0002 [-0.0032, +0.0027] (above in 5 of 10 seeds). So on
 # this job no evidence favours either; the decay is kept for the severely
-# stale gradients it exists for (tau <= 4 here).
+# stale gradients it exists for (tau <= 4 here). Dropping past 2 at the
+# plateau (10 seeds; README "Dropping the straggler's most stale
+# gradients at the plateau"; converge_movielens_plateau_drop_t2.json) ends
+# +0.0002 [-0.0016, +0.0020] against healthy sync and +0.0012 [-0.0008,
+# +0.0033] against these defaults (above in 8 of 10), not shown to differ;
+# it applies 1.4-5.5% fewer steps, which past the peak gives about half
+# its lead on the held-out curve, and it throws away the straggler's
+# batches, so max_staleness stays 16.
 # On the synthetic DCN-v2 job near convergence (2,500 steps, short of its
 # plateau at about 5,000; same straggler, 5 seeds; README "Synthetic data
 # near convergence") the straggler's gradients arrive 1-2 steps stale, the
