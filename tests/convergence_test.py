@@ -65,6 +65,10 @@ class ReadConvergeJsonTest(tf.test.TestCase):
         convergence.read_converge_json(path)
       self.assertTrue(str(raised.exception).startswith(reason),
                       str(raised.exception))
+    # --resume of a --switching run reads its JSON the same way.
+    with self.assertRaisesRegex(ValueError,
+                                r"^is not a --switching JSON \(KeyError"):
+      convergence.read_converge_json(no_runs, "--switching")
 
 
 class PairedDifferenceTest(tf.test.TestCase):
@@ -291,6 +295,19 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
     self.assertEqual(proc.returncode, 2, proc.stdout[-2000:])
     self.assertIn(f"Received: --reference={reference} without --converge",
                   proc.stderr.strip().splitlines()[-1])
+    # A broken --resume JSON: one line naming it, the file untouched.
+    broken = os.path.join(out, "broken")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "converge_tiny.json"), "w") as f:
+      f.write("{")
+    proc = _benchmark(broken, "--resume")
+    self.assertEqual(proc.returncode, 2, proc.stdout[-2000:])
+    self.assertIn(
+        f"Received: --resume, and {broken}/converge_tiny.json is not a "
+        "--converge JSON (JSONDecodeError: ",
+        proc.stderr.strip().splitlines()[-1])
+    with open(os.path.join(broken, "converge_tiny.json")) as f:
+      self.assertEqual(f.read(), "{")
 
 
 def _benchmark(out, *args, converge=True):

@@ -430,9 +430,11 @@ def _resume(name, seeds, expected_args, whole_seeds):
   if not FLAGS.resume:
     return [], 0, 0.0
   path = os.path.join(FLAGS.out_dir, f"{name}.json")
-  if not os.path.isfile(path):
-    raise ValueError(f"Received: --resume, and {path} does not exist.")
-  report = _read(path)
+  kind = "--converge" if FLAGS.converge else "--switching"
+  try:
+    report = convergence.read_converge_json(path, kind)
+  except ValueError as e:
+    raise ValueError(f"Received: --resume, and {path} {e}.") from e
   rows, first = resumed_rows(report, seeds, expected_args, whole_seeds)
   print(f"resuming {path}: {len(rows)} runs kept"
         + (f" ({first} complete seeds)" if whole_seeds else ""), flush=True)

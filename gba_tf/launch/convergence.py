@@ -107,12 +107,13 @@ def meets_target(difference: Mapping[str, float],
   return difference["mean"] >= mean and difference["low"] > lower
 
 
-def read_converge_json(path: str) -> dict:
+def read_converge_json(path: str, kind: str = "--converge") -> dict:
   """A stored `--converge` JSON (a dict with a list of "runs").
 
   Raises ValueError whose text completes a caller's "Received: ..." line:
-  "does not exist" or "is not a --converge JSON (<why>)", so that every
-  command that reads one says the same thing of a bad file.
+  "does not exist" or "is not a <kind> JSON (<why>)", so that every
+  command that reads one says the same thing of a bad file. A `--switching`
+  JSON holds its runs the same way; `kind` names which one was expected.
   """
   if not os.path.isfile(path):
     raise ValueError("does not exist")
@@ -122,6 +123,6 @@ def read_converge_json(path: str) -> dict:
     if not isinstance(report.get("runs"), list):
       raise KeyError("runs")
   except (ValueError, AttributeError, KeyError) as e:
-    raise ValueError(f"is not a --converge JSON ({type(e).__name__}: {e})"
+    raise ValueError(f"is not a {kind} JSON ({type(e).__name__}: {e})"
                      ) from e
   return report
