@@ -108,12 +108,13 @@ def meets_target(difference: Mapping[str, float],
 
 
 def read_converge_json(path: str, kind: str = "--converge") -> dict:
-  """A stored `--converge` JSON (a dict with a list of "runs").
+  """A stored benchmark JSON (a dict with a list of "runs"): `--converge`'s,
+  or `--switching`'s, which holds its runs the same way.
 
   Raises ValueError whose text completes a caller's "Received: ..." line:
-  "does not exist" or "is not a <kind> JSON (<why>)", so that every
-  command that reads one says the same thing of a bad file. A `--switching`
-  JSON holds its runs the same way; `kind` names which one was expected.
+  "does not exist" or "is not a <kind> JSON (<why>)", `kind` naming the one
+  expected, so that every command that reads one says the same thing of a
+  bad file.
   """
   if not os.path.isfile(path):
     raise ValueError("does not exist")
