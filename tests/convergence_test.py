@@ -41,7 +41,7 @@ class PlateauTest(tf.test.TestCase):
       convergence.plateau_gain(_curve([(0, 0.5)]))
 
 
-class ReadConvergeJsonTest(tf.test.TestCase):
+class ReadReportJsonTest(tf.test.TestCase):
 
   def test_a_report_and_each_bad_file(self):
     tmp = self.get_temp_dir()
@@ -53,7 +53,7 @@ class ReadConvergeJsonTest(tf.test.TestCase):
       json.dump({"cases": []}, f)
     with open(broken, "w") as f:
       f.write("{")
-    self.assertEqual(convergence.read_converge_json(good)["runs"],
+    self.assertEqual(convergence.read_report_json(good)["runs"],
                      [{"seed": 0}])
     # Each reason completes a caller's "Received: ..." line.
     for path, reason in [(os.path.join(tmp, "none.json"), "does not exist"),
@@ -62,13 +62,13 @@ class ReadConvergeJsonTest(tf.test.TestCase):
                          (broken, "is not a --converge JSON "
                                   "(JSONDecodeError: ")]:
       with self.assertRaises(ValueError) as raised:
-        convergence.read_converge_json(path)
+        convergence.read_report_json(path)
       self.assertTrue(str(raised.exception).startswith(reason),
                       str(raised.exception))
     # --resume of a --switching run reads its JSON the same way.
     with self.assertRaisesRegex(ValueError,
                                 r"^is not a --switching JSON \(KeyError"):
-      convergence.read_converge_json(no_runs, "--switching")
+      convergence.read_report_json(no_runs, "--switching")
 
 
 class PairedDifferenceTest(tf.test.TestCase):

@@ -432,7 +432,7 @@ def _resume(name, seeds, expected_args, whole_seeds):
   path = os.path.join(FLAGS.out_dir, f"{name}.json")
   kind = "--converge" if FLAGS.converge else "--switching"
   try:
-    report = convergence.read_converge_json(path, kind)
+    report = convergence.read_report_json(path, kind)
   except ValueError as e:
     raise ValueError(f"Received: --resume, and {path} {e}.") from e
   rows, first = resumed_rows(report, seeds, expected_args, whole_seeds)
@@ -495,7 +495,7 @@ def _reference(resume, seeds, expected_args):
     return resume
   path = FLAGS.reference
   try:
-    report = convergence.read_converge_json(path)
+    report = convergence.read_report_json(path)
   except ValueError as e:
     raise ValueError(f"Received: --reference={path}, which {e}.") from e
   rows, first, spent = resume

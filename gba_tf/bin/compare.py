@@ -126,7 +126,7 @@ def compare(runs, against):
 def _load(flag):
   path, condition, mode = parse_side(flag, FLAGS[flag].value)
   try:
-    report = convergence.read_converge_json(path)
+    report = convergence.read_report_json(path)
   except ValueError as e:
     raise ValueError(f"Received: --{flag}={FLAGS[flag].value}, but {path} "
                      f"{e}.") from e

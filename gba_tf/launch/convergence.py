@@ -107,7 +107,7 @@ def meets_target(difference: Mapping[str, float],
   return difference["mean"] >= mean and difference["low"] > lower
 
 
-def read_converge_json(path: str, kind: str = "--converge") -> dict:
+def read_report_json(path: str, kind: str = "--converge") -> dict:
   """A stored benchmark JSON (a dict with a list of "runs"): `--converge`'s,
   or `--switching`'s, which holds its runs the same way.
 
