@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from gba_tf.launch import switch_paths
 from tests import export_test
 from tests import testing_utils
 
@@ -127,6 +128,24 @@ class LaunchLocalTest(tf.test.TestCase):
     self.assertEqual(gba["pushed"], gba["applied"] + gba["dropped"]
                      + gba["pending"] + gba["lost"])
     self.assertEqual(gba["lost"], 0)
+    # Each phase's held-out curve ends on the samples it trained, though
+    # the switch cut its last loop short: the sync phase on its global
+    # steps x 512, where the next phase's curve starts; the GBA phase on
+    # every local batch of 256 its workers ran, one push each (no task
+    # failed, so no step was retried), its pending gradients included,
+    # which the next phase does not count.
+    self.assertEqual(phases[0]["curve"][-1]["samples"],
+                     switches[0]["global_step"] * 512)
+    self.assertEqual(phases[1]["curve"][0]["samples"],
+                     switches[0]["global_step"] * 512)
+    self.assertEqual(phases[2]["start_samples"],
+                     switches[1]["global_step"] * 512)
+    self.assertEqual(phases[1]["curve"][-1]["samples"] -
+                     phases[1]["start_samples"], gba["pushed"] * 256)
+    # Joined, the path's curve never goes back in samples.
+    samples = [p["samples"] for p in switch_paths.join_phases(phases)]
+    self.assertEqual(samples, sorted(samples))
+    self.assertEqual(samples[-1], 400 * 512)
     result = _read(model_dir, "result.json")
     self.assertEqual((result["mode"], result["optimizer_steps"]),
                      ("sync", 400))

@@ -54,6 +54,28 @@ class JoinPhasesTest(tf.test.TestCase):
     self.assertEqual([p["train_seconds"] for p in curve], [0.0, 9.0, 14.0])
     self.assertEqual(curve[-1]["auc"], 0.7)
 
+  def test_a_switch_with_pending_gradients_keeps_one_point(self):
+    # A GBA phase cut by a switch at global step 15 of M = 4 local batches
+    # of 256 ran 63 local batches (16,128 samples): 60 applied (15 steps),
+    # 3 pending. The next phase restored step 15, whose checkpoint counts
+    # 15 x 1,024 = 15,360 samples, and evaluated it again: the same
+    # weights, kept once, so the samples never go backwards.
+    phases = [
+        {"seconds": 2.0, "curve": [
+            {"optimizer_steps": 0, "samples": 0, "train_seconds": 0.0,
+             "auc": 0.5},
+            {"optimizer_steps": 15, "samples": 16128, "train_seconds": 2.0,
+             "auc": 0.6}]},
+        {"seconds": 3.0, "curve": [
+            {"optimizer_steps": 15, "samples": 15360, "train_seconds": 0.0,
+             "auc": 0.6},
+            {"optimizer_steps": 115, "samples": 117760,
+             "train_seconds": 3.0, "auc": 0.7}]},
+    ]
+    curve = switch_paths.join_phases(phases)
+    self.assertEqual([p["samples"] for p in curve], [0, 16128, 117760])
+    self.assertEqual([p["train_seconds"] for p in curve], [0.0, 2.0, 5.0])
+
   def test_a_phase_without_evaluations_still_counts_its_seconds(self):
     phases = [{"seconds": 3.0, "curve": []},
               {"seconds": 2.0, "curve": [

@@ -225,8 +225,7 @@ class Job:
         curve = job_progress.Progress(
             self.data.test_ids[:c.eval_examples] if evaluate else None,
             self.data.test_labels[:c.eval_examples] if evaluate else None,
-            lambda epoch: (done + min((epoch + 1) * steps_per_epoch,
-                                      remaining)) * batch)
+            start_samples, batch)
         callbacks.append(curve)
       if c.input == "shared" and self.task.is_chief:
         self._start_data_service()

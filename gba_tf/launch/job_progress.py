@@ -45,12 +45,22 @@ class Progress(tf.keras.callbacks.Callback):
   evaluation time is idle time for the workers: it is measured apart
   (`eval_seconds`), not counted as training time. The first loop includes
   tracing and warm-up; `steady_samples_per_s` leaves it out.
+
+  Samples are counted from the batches each loop ran, not from its planned
+  length: a loop that a mode switch cuts short (`--mode=auto` stops `fit`
+  mid-loop) ends on the samples it trained. Counting planned loops put the
+  evaluation at a switch one whole loop ahead of the next phase's first
+  point, and overstated that loop's samples/s.
   """
 
-  def __init__(self, ids, labels, samples_at_epoch_end):
+  def __init__(self, ids, labels, start_samples: int, batch_size: int):
     super().__init__()
+    # Reads no logs: allowed as a batch-level callback under PSS.
+    self._supports_tf_logs = True
     self._ids, self._labels = ids, labels
-    self._samples = samples_at_epoch_end
+    self._batch_size = batch_size
+    self._samples = start_samples  # at the end of the last finished loop
+    self._loop_batches = 0  # Keras steps (batches) run in this loop
     self.points = []
     self.loops = []  # (samples, training seconds) per loop
     self.seconds = 0.0
@@ -59,10 +69,17 @@ class Progress(tf.keras.callbacks.Callback):
   def on_train_begin(self, logs=None):
     # The starting point of the curve (the restored step, if any).
     if self._ids is not None:
-      self._evaluate(self._samples(-1))
+      self._evaluate(self._samples)
 
   def on_epoch_begin(self, epoch, logs=None):
+    self._loop_batches = 0
     self._begin = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    # `batch` is the loop's last step index so far (the last of a
+    # steps_per_execution group); under PSS every scheduled step has run
+    # by the time Keras ends the loop.
+    self._loop_batches = batch + 1
 
   def _evaluate(self, samples):
     start = time.perf_counter()
@@ -77,11 +94,11 @@ class Progress(tf.keras.callbacks.Callback):
     self.seconds += time.perf_counter() - start
 
   def on_epoch_end(self, epoch, logs=None):
-    samples = self._samples(epoch)
-    previous = self._samples(epoch - 1)
-    self.loops.append((samples - previous, time.perf_counter() - self._begin))
+    loop_samples = self._loop_batches * self._batch_size
+    self._samples += loop_samples
+    self.loops.append((loop_samples, time.perf_counter() - self._begin))
     if self._ids is not None:
-      self._evaluate(samples)
+      self._evaluate(self._samples)
 
   def steady_samples_per_s(self) -> Optional[float]:
     steady = self.loops[1:]

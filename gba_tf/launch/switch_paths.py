@@ -60,18 +60,31 @@ def leg_steps(train_steps: int, steps_per_loop: int) -> List[int]:
   return bounds + [train_steps]
 
 
+def _same_evaluation(a: Mapping[str, object],
+                     b: Mapping[str, object]) -> bool:
+  """Whether two curve points evaluated the same weights: the same samples,
+  or the same optimizer step."""
+  step = a.get("optimizer_steps")
+  return (a["samples"] == b["samples"] or
+          (step is not None and step == b.get("optimizer_steps")))
+
+
 def join_phases(phases: Sequence[Mapping[str, object]]) -> List[dict]:
   """One held-out curve from the phases of a path, in order.
 
   Each phase's curve (`phases.jsonl`) starts with an evaluation of the step
-  it restored, the point the phase before ended on: kept once. Training
-  seconds add up across phases (start-up and evaluation left out).
+  it restored, the point the phase before ended on: kept once, as the phase
+  before recorded it. The two can differ in samples: a GBA phase that a
+  switch ends has trained local batches no global step applied (its pending
+  gradients), which the checkpoint does not count; they share the optimizer
+  step. Training seconds add up across phases (start-up and evaluation left
+  out).
   """
   curve: List[dict] = []
   offset = 0.0
   for phase in phases:
     points = list(phase.get("curve") or [])
-    if curve and points and points[0]["samples"] == curve[-1]["samples"]:
+    if curve and points and _same_evaluation(points[0], curve[-1]):
       points = points[1:]
     curve += [dict(p, train_seconds=p["train_seconds"] + offset)
               for p in points]
