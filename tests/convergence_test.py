@@ -41,6 +41,56 @@ class PlateauTest(tf.test.TestCase):
       convergence.plateau_gain(_curve([(0, 0.5)]))
 
 
+class SeedBandTest(tf.test.TestCase):
+
+  def test_seeds_meet_at_the_same_samples_by_hand(self):
+    # Seed a evaluates at 0, 100, 200; seed b (an auto run: a switch at 50)
+    # at 0, 50, 150, 250. The grid is every x both cover, [0, 200]:
+    # 0, 50, 100, 150, 200.
+    a = _curve([(0, 0.50), (100, 0.70), (200, 0.80)])
+    b = _curve([(0, 0.50), (50, 0.60), (150, 0.76), (250, 0.90)])
+    band = convergence.seed_band([a, b])
+    self.assertEqual(band["x"], [0, 50, 100, 150, 200])
+    # a at 50: 0.60 (halfway 0.50 -> 0.70); at 150: 0.75.
+    # b at 100: 0.68 (halfway 0.60 -> 0.76); at 200: 0.83 (halfway 0.76 ->
+    # 0.90).
+    # Means: 0.50, (0.60+0.60)/2, (0.70+0.68)/2, (0.75+0.76)/2,
+    # (0.80+0.83)/2.
+    self.assertAllClose(band["mean"], [0.50, 0.60, 0.69, 0.755, 0.815])
+    self.assertAllClose(band["low"], [0.50, 0.60, 0.68, 0.75, 0.80])
+    self.assertAllClose(band["high"], [0.50, 0.60, 0.70, 0.76, 0.83])
+    self.assertEqual((band["seeds"], band["skipped"]), (2, 0))
+    # By evaluation index the second point would mix 100 and 50 samples:
+    # (0.70 + 0.60) / 2 = 0.65, not a's and b's AUC at any one x.
+    self.assertNotAlmostEqual(band["mean"][1], 0.65)
+
+  def test_same_schedule_is_the_per_index_mean_and_seconds_work(self):
+    a = [{"samples": s, "train_seconds": t, "auc": v}
+         for s, t, v in [(0, 0.0, 0.5), (10, 2.0, 0.6), (20, 4.0, 0.7)]]
+    b = [{"samples": s, "train_seconds": t, "auc": v}
+         for s, t, v in [(0, 0.0, 0.5), (10, 1.0, 0.8), (20, 3.0, 0.9)]]
+    band = convergence.seed_band([a, b])
+    self.assertEqual(band["x"], [0, 10, 20])
+    self.assertAllClose(band["mean"], [0.5, 0.7, 0.8])
+    # Against seconds: up to 3.0 (b's end); grid 0, 1, 2, 3. a at 1: 0.55,
+    # at 3: 0.65; b at 2: 0.85. Means 0.5, 0.675, 0.725, 0.775.
+    band = convergence.seed_band([a, b], "train_seconds")
+    self.assertEqual(band["x"], [0.0, 1.0, 2.0, 3.0])
+    self.assertAllClose(band["mean"], [0.5, 0.675, 0.725, 0.775])
+
+  def test_a_curve_going_back_in_samples_is_left_out(self):
+    # The pre-fix auto curve: the switch's evaluation labelled a loop
+    # ahead (102,400) before the next phase's first (15,360).
+    bad = _curve([(0, 0.5), (102400, 0.70), (15360, 0.70), (204800, 0.8)])
+    good = _curve([(0, 0.5), (204800, 0.9)])
+    band = convergence.seed_band([bad, good])
+    self.assertEqual((band["seeds"], band["skipped"]), (1, 1))
+    self.assertEqual(band["x"], [0, 204800])
+    self.assertAllClose(band["mean"], [0.5, 0.9])
+    self.assertIsNone(convergence.seed_band([bad]))
+    self.assertIsNone(convergence.seed_band([]))
+
+
 class ReadReportJsonTest(tf.test.TestCase):
 
   def test_a_report_and_each_bad_file(self):

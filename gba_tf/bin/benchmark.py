@@ -653,12 +653,11 @@ def plot(rows, summary, stem):
               r["mode"] == mode and r["curve"]]
       if not runs:
         continue
-      # Mean curve over repeats (the points line up: same loop lengths).
-      n = min(len(r["curve"]) for r in runs)
-      xs = [runs[0]["curve"][i]["samples"] for i in range(n)]
-      ys = [statistics.mean(r["curve"][i]["auc"] for r in runs)
-            for i in range(n)]
-      ax.plot(xs, ys, marker="o", label=mode)
+      # Mean curve over repeats, at the same samples.
+      band = convergence.seed_band([r["curve"] for r in runs])
+      if band is None:
+        continue
+      ax.plot(band["x"], band["mean"], marker="o", label=mode)
     ax.set_title(f"{condition}: {CONDITIONS[condition][1]}")
     ax.set_xlabel("samples seen")
     ax.set_ylabel("held-out AUC")
@@ -790,7 +789,9 @@ def converge_table(summary) -> str:
 
 
 def plot_converge(rows, stem):
-  """AUC against samples and against training seconds, seed bands."""
+  """AUC against samples and against training seconds: the seeds' mean and
+  min-max band (`convergence.seed_band`: a curve whose samples go back, made
+  before the per-batch count, is left out and the legend says so)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -814,19 +815,22 @@ def plot_converge(rows, stem):
         for mode, cond, name in panels:
           runs = [r for r in rows if (r["dataset"], r["condition"],
                                       r["mode"]) == (dataset, cond, mode)]
-          if not runs:
+          # Seeds averaged at the same x (samples or seconds), over the
+          # range every seed covers.
+          band = convergence.seed_band([r["curve"] for r in runs], x_key)
+          if band is None:
+            if runs:  # every curve left out: the legend still says so
+              ax.plot([], [], label=f"{name} (all {len(runs)} seeds left "
+                      "out: samples go back)")
             continue
-          n = min(len(r["curve"]) for r in runs)
-          xs = [statistics.fmean(r["curve"][k][x_key] for r in runs)
-                for k in range(n)]
-          aucs = [[r["curve"][k]["auc"] for r in runs] for k in range(n)]
+          if band["skipped"]:
+            name += f" ({band['skipped']} of {len(runs)} seeds left out)"
           reference = cond != condition
-          line, = ax.plot(xs, [statistics.fmean(a) for a in aucs],
+          line, = ax.plot(band["x"], band["mean"],
                           label=name, color="black" if reference else None,
                           linestyle="--" if reference else "-")
           if not reference:
-            ax.fill_between(xs, [min(a) for a in aucs],
-                            [max(a) for a in aucs], alpha=0.2,
+            ax.fill_between(band["x"], band["low"], band["high"], alpha=0.2,
                             color=line.get_color())
         ax.set_title(f"{dataset}, {condition}")
         ax.set_xlabel(label)

@@ -107,6 +107,54 @@ def meets_target(difference: Mapping[str, float],
   return difference["mean"] >= mean and difference["low"] > lower
 
 
+def seed_band(curves: Sequence[Sequence[Mapping[str, float]]],
+              x_key: str = "samples") -> Optional[Dict[str, list]]:
+  """The seeds' mean AUC curve and min-max band against `x_key`.
+
+  Each curve is interpolated linearly onto one grid: every evaluation's x
+  of every curve, between the latest first x and the earliest last x (the
+  range all seeds cover). Seeds are averaged at the same x, not at the
+  same evaluation index: a `--mode=auto` run evaluates at its switches,
+  which fall at other samples in every seed, and wall-clock x differs
+  per seed anyway. When every curve evaluates at the same x (a fixed
+  schedule), this is the per-index mean.
+
+  A curve whose x goes back (a held-out curve made before its samples were
+  counted per batch ran: an evaluation at a switch was labelled a loop
+  ahead) cannot be drawn against x; it is left out and counted.
+
+  Returns None when no curve is left, else a dict of lists "x", "mean",
+  "low", "high", and "seeds" (curves used) and "skipped".
+
+  Example:
+
+  >>> a = [{"samples": 0, "auc": 0.5}, {"samples": 100, "auc": 0.7}]
+  >>> b = [{"samples": 0, "auc": 0.5}, {"samples": 50, "auc": 0.8},
+  ...      {"samples": 100, "auc": 0.9}]
+  >>> band = seed_band([a, b])
+  >>> band["x"], [round(m, 3) for m in band["mean"]]  # a at 50: 0.6
+  ([0, 50, 100], [0.5, 0.7, 0.8])
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  kept = []
+  for curve in curves:
+    xs = [p[x_key] for p in curve]
+    if not xs or any(b < a for a, b in zip(xs, xs[1:])):
+      continue
+    kept.append((xs, [p["auc"] for p in curve]))
+  if not kept:
+    return None
+  start = max(xs[0] for xs, _ in kept)
+  end = min(xs[-1] for xs, _ in kept)
+  grid = sorted({x for xs, _ in kept for x in xs if start <= x <= end})
+  values = np.array([np.interp(grid, xs, aucs) for xs, aucs in kept])
+  return {"x": grid, "mean": values.mean(axis=0).tolist(),
+          "low": values.min(axis=0).tolist(),
+          "high": values.max(axis=0).tolist(),
+          "seeds": len(kept), "skipped": len(curves) - len(kept)}
+
+
 def read_report_json(path: str, kind: str = "--converge") -> dict:
   """A stored benchmark JSON (a dict with a list of "runs"): `--converge`'s,
   or `--switching`'s, which holds its runs the same way.
