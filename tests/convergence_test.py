@@ -91,6 +91,64 @@ class SeedBandTest(tf.test.TestCase):
     self.assertIsNone(convergence.seed_band([]))
 
 
+class ReplotTest(tf.test.TestCase):
+  """`gba-benchmark --replot`: a stored JSON's PNGs drawn again."""
+
+  def _replot(self, *args):
+    return subprocess.run(
+        [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                      "benchmark.py"), *args],
+        cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=300,
+        check=False)
+
+  def test_redraws_a_switching_json_leaving_out_curves_going_back(self):
+    out = testing_utils.temp_dir(self, "gba_replot_test_")
+    def run(path, seed, points):
+      return {"dataset": "movielens", "path": path, "repeat": seed,
+              "curve": [{"samples": s, "train_seconds": t, "auc": a}
+                        for s, t, a in points]}
+    ok = [(0, 0.0, 0.5), (100, 1.0, 0.7), (200, 2.0, 0.8)]
+    # An auto run of the old count: its switch labelled a loop ahead.
+    back = [(0, 0.0, 0.5), (300, 1.0, 0.7), (100, 1.5, 0.7), (200, 2.0, 0.8)]
+    path = os.path.join(out, "switching_x.json")
+    with open(path, "w") as f:
+      json.dump({"runs": [run("sync", 0, ok), run("sync", 1, ok),
+                          run("auto", 0, back), run("auto", 1, ok)]}, f)
+    proc = self._replot(f"--replot={path}")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    for suffix in ("auc", "auc_wallclock"):
+      self.assertTrue(os.path.getsize(
+          os.path.join(out, f"switching_x_{suffix}.png")) > 0)
+    # Only the samples plot leaves the auto seed out: its seconds go on.
+    self.assertIn("switching_x_auc.png: movielens switching auto: 1 of 2 "
+                  "seeds left out (their samples go back)", proc.stdout)
+    self.assertNotIn("switching_x_auc_wallclock.png: ", proc.stdout)
+    self.assertNotIn("sync: ", proc.stdout)
+
+  def test_bad_file_or_flags_are_one_line(self):
+    out = testing_utils.temp_dir(self, "gba_replot_bad_")
+    broken = os.path.join(out, "broken.json")
+    with open(broken, "w") as f:
+      f.write("{")
+    no_curve = os.path.join(out, "no_curve.json")
+    with open(no_curve, "w") as f:
+      json.dump({"runs": [{"mode": "sync"}]}, f)
+    for args, line in [
+        ([f"--replot={broken}"], f"Received: --replot={broken}, which is "
+         "not a --converge or --switching JSON (JSONDecodeError: "),
+        ([f"--replot={no_curve}"], f"Received: --replot={no_curve}, which "
+         "is not a --converge or --switching JSON (a run without a curve"),
+        ([f"--replot={out}/none.json"], f"Received: --replot={out}/none.json"
+         ", which does not exist."),
+        ([f"--replot={broken}", "--converge"], f"Received: --replot="
+         f"{broken} with --converge; --replot runs nothing.")]:
+      proc = self._replot(*args)
+      self.assertEqual(proc.returncode, 2, args)
+      self.assertIn(line, proc.stderr.strip().splitlines()[-1])
+    # Nothing drawn for a bad file.
+    self.assertCountEqual(os.listdir(out), ["broken.json", "no_curve.json"])
+
+
 class ReadReportJsonTest(tf.test.TestCase):
 
   def test_a_report_and_each_bad_file(self):

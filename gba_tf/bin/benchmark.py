@@ -194,6 +194,10 @@ def define_flags():
       "this command runs, so that more modes or seeds can be added to a "
       "finished run; --switching keeps whole seeds.")
   flags.DEFINE_string(
+      "replot", None, "Redraw the two PNGs of this stored --converge or "
+      "--switching JSON beside it with this version's plots (e.g. "
+      "docs/results/switching_movielens_plateau.json); runs nothing.")
+  flags.DEFINE_string(
       "reference", None, "--converge: take healthy sync's runs from this "
       "--converge JSON (e.g. docs/results/converge_synthetic_plateau.json) "
       "instead of running them, seed by seed, so that new modes pair with "
@@ -288,7 +292,8 @@ def _user_args():
   """This command's own flags, forwarded to every run (flagfile first)."""
   own = {"quick", "tiny", "ablation", "repeats", "modes", "conditions",
          "out_dir", "name", "base_flagfile", "converge", "datasets",
-         "switching", "paths", "resume", "reference"}
+         "switching", "paths", "resume", "reference",
+         "replot"}
   return [a for a in sys.argv[1:]
           if a.lstrip("-").split("=")[0].removeprefix("no") not in own]
 
@@ -818,13 +823,16 @@ def plot_converge(rows, stem):
           # Seeds averaged at the same x (samples or seconds), over the
           # range every seed covers.
           band = convergence.seed_band([r["curve"] for r in runs], x_key)
+          left_out = band["skipped"] if band else len(runs)
+          if left_out:
+            print(f"{stem}_{suffix}.png: {dataset} {cond} {mode}: "
+                  f"{left_out} of {len(runs)} seeds left out (their "
+                  f"{x_key} go back)", flush=True)
+            name += f" ({left_out} of {len(runs)} seeds left out)"
           if band is None:
             if runs:  # every curve left out: the legend still says so
-              ax.plot([], [], label=f"{name} (all {len(runs)} seeds left "
-                      "out: samples go back)")
+              ax.plot([], [], label=name)
             continue
-          if band["skipped"]:
-            name += f" ({band['skipped']} of {len(runs)} seeds left out)"
           reference = cond != condition
           line, = ax.plot(band["x"], band["mean"],
                           label=name, color="black" if reference else None,
@@ -1070,9 +1078,37 @@ def switching_main(name, cases, seeds, flagfile, resume) -> int:
   return 0
 
 
+def replot(path) -> int:
+  """--replot: `path`'s PNGs drawn again from its runs (a switching run's
+  paths as modes, as `switching_main` draws them)."""
+  for other in ("converge", "switching", "resume", "reference"):
+    if FLAGS[other].present:
+      raise ValueError(f"Received: --replot={path} with --{other}; "
+                       "--replot runs nothing.")
+  if not path.endswith(".json"):
+    raise ValueError(f"Received: --replot={path}, which is not a .json "
+                     "file.")
+  try:
+    rows = convergence.read_report_json(path, "--converge or --switching")[
+        "runs"]
+    if not rows or not all("curve" in r for r in rows):
+      raise ValueError("is not a --converge or --switching JSON (a run "
+                       "without a curve, or no runs)")
+  except ValueError as e:
+    raise ValueError(f"Received: --replot={path}, which {e}.") from e
+  if "path" in rows[0]:
+    rows = [dict(r, condition="switching", mode=r["path"]) for r in rows]
+  stem = path[:-len(".json")]
+  plot_converge(rows, stem)
+  print(f"wrote {stem}_auc.png, {stem}_auc_wallclock.png")
+  return 0
+
+
 def main(argv):
   del argv
   try:
+    if FLAGS.replot is not None:
+      return replot(FLAGS.replot)
     if FLAGS.converge and FLAGS.switching:
       raise ValueError("Received: --converge and --switching; run one.")
     if FLAGS.resume and not (FLAGS.converge or FLAGS.switching):
