@@ -29,6 +29,7 @@ import gba_tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from gba_tf import compat  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gba_tf.launch import cpu_cost  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -175,6 +176,9 @@ def sweep(cluster, data, ids, labels, config):
 def main(argv):
   del argv
   config = job_config.gba_config_from_flags()
+  # As the job does: without it `fit`'s return, after the timed part,
+  # stalled for up to a minute (README "`fit` can return late").
+  compat.disable_device_autotune()
   data = synthetic.SyntheticCTR()
   ids, labels = data.sample(65_536)
   if FLAGS.sweep_step_ms:

@@ -45,6 +45,29 @@ class CompatTest(tf.test.TestCase):
     state = tf.train.get_checkpoint_state(directory)
     self.assertEqual(state.model_checkpoint_path, f"{directory}/ckpt-2")
 
+  def test_device_datasets_can_leave_autotune_off(self):
+    module = compat._multi_device_iterator_ops  # pylint: disable=protected-access
+    self.addCleanup(setattr, module, "_create_device_dataset",
+                    module._create_device_dataset)  # pylint: disable=protected-access
+
+    def device_autotune():
+      strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+      iterator = iter(strategy.experimental_distribute_dataset(
+          tf.data.Dataset.range(8).batch(2)))
+      self.assertEqual(next(iterator).numpy().tolist(), [0, 1])
+      # TF 2.21: distributed iterator -> this worker's iterator ->
+      # OwnedMultiDeviceIterator -> the per-device OwnedIterator.
+      device = iterator._iterators[0]._iterator._device_iterators[0]  # pylint: disable=protected-access
+      return device._dataset.options().autotune.enabled  # pylint: disable=protected-access
+
+    # Unset (None) means TF's default, on: what the hook changes.
+    self.assertIn(device_autotune(), (None, True))
+    compat.disable_device_autotune()
+    compat.disable_device_autotune()  # a second call wraps nothing again
+    self.assertIs(device_autotune(), False)
+    wrapped = module._create_device_dataset.__wrapped__  # pylint: disable=protected-access
+    self.assertFalse(hasattr(wrapped, "gba_tf_no_autotune"))
+
   def test_data_sleep(self):
     ds = tf.data.Dataset.range(3).apply(compat.data_sleep(1000))
     self.assertEqual(list(ds.as_numpy_iterator()), [0, 1, 2])

@@ -153,6 +153,13 @@ class LaunchLocalTest(tf.test.TestCase):
     self.assertEqual([p["mode"] for p in launch["phases"]],
                      ["sync", "gba", "sync"])
     self.assertEqual([p["exit_code"] for p in launch["phases"]], [75, 75, 0])
+    # A phase's training, evaluation and `fit`'s return after training
+    # (release) are apart, and all within the phase's process lifetime.
+    for phase, launched in zip(phases, launch["phases"]):
+      self.assertGreater(phase["seconds"], 0.0)
+      self.assertGreaterEqual(phase["release_seconds"], 0.0)
+      self.assertLess(phase["seconds"] + phase["eval_seconds"]
+                      + phase["release_seconds"], launched["seconds"])
 
   def test_auto_stays_in_sync_when_healthy(self):
     model_dir = testing_utils.temp_dir(self, "gba_healthy_")

@@ -72,6 +72,14 @@ class EmulationTest(tf.test.TestCase):
       self.assertLess(seconds[healthy], seconds[1])
     self.assertLess(seconds[1], seconds[3])
 
+  def test_pipeline_neither_autotunes_nor_injects_prefetch(self):
+    # Autotuning made MultiWorkerMirroredStrategy's `fit` return up to a
+    # minute late (the comment in `with_straggler`); an injected prefetch
+    # would let a straggler bank batches.
+    options = self._dataset(0, "1:4").options()
+    self.assertIs(options.autotune.enabled, False)
+    self.assertIs(options.experimental_optimization.inject_prefetch, False)
+
   def test_moving_stragglers_fall_on_consecutive_workers(self):
     # A period far longer than the test: one draw b for the whole test;
     # workers b and b + 1 (mod 4) are slow at 1/4 and 1/8, the other two

@@ -540,6 +540,7 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
       "condition": condition, "mode": mode, "repeat": repeat,
       "wall_seconds": wall, "train_seconds": phase["seconds"],
       "eval_seconds": phase["eval_seconds"],
+      "release_seconds": phase.get("release_seconds"),
       "samples": result["samples"],
       # Steady state: the first loop (tracing, warm-up) left out when there
       # are several.
@@ -976,7 +977,7 @@ def run_path(dataset, path, args, seed, log_dir, flagfile,
       "train_seconds": sum(p["seconds"] for p in phases),
       "phases": [{k: p.get(k) for k in (
           "mode", "start_step", "start_samples", "optimizer_steps", "samples",
-          "seconds")} for p in phases],
+          "seconds", "release_seconds")} for p in phases],
       "switches": result["switches"],
       "optimizer_steps": result["optimizer_steps"],
       "test_auc": result["test_auc"], "test_logloss": result["test_logloss"],

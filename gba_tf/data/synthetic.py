@@ -308,4 +308,10 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
   # autotuned prefetch, letting a straggler bank a burst of batches.
   options = tf.data.Options()
   options.experimental_optimization.inject_prefetch = False
+  # No autotuning either: every buffer here is fixed, so it tunes nothing,
+  # and deleting an autotuned iterator, which `fit` does as it returns,
+  # waited for the autotune thread's next timed wake-up (tens of seconds;
+  # `compat.disable_device_autotune` does the same for the per-device
+  # datasets that MultiWorkerMirroredStrategy adds after this one).
+  options.autotune.enabled = False
   return dataset.prefetch(1).with_options(options)

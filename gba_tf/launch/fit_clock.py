@@ -10,6 +10,10 @@ A clock stopped when `fit` returns counts that stall as training: 1,500
 local steps that trained in about 12 s measured 21 s, and the stall came
 and went between repeats, which is what the throughput benchmark's "rate
 modes" were.
+The wait was found later: tf.data's autotune thread, which the
+iterators' deletion joins (`gba_tf.compat.disable_device_autotune`, README
+"`fit` can return late"). The clock still stops at the end of training, so
+a stall of any other kind stays out of the rate too.
 `timed_fit` stops the clock when training ends (`on_train_end`) and reports
 the release separately.
 

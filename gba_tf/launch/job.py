@@ -40,6 +40,7 @@ from gba_tf import strategy as strategy_lib
 from gba_tf import switching
 from gba_tf.data import shared_epoch
 from gba_tf.data import synthetic
+from gba_tf.launch import fit_clock
 from gba_tf.launch import flags as gba_flags
 from gba_tf.launch import job_config
 from gba_tf.launch import job_data
@@ -108,6 +109,10 @@ class Job:
         "worker", "ps"):
       tasks.run_server(self.task.task_type, self.task.task_index)
       return 0
+    # Before any input pipeline is built, in both strategies (the chief
+    # builds the PS workers' iterators): else `fit` can return tens of
+    # seconds after training ends.
+    compat.disable_device_autotune()
     if self.task.is_chief:
       os.makedirs(self.config.model_dir, exist_ok=True)
       with open(os.path.join(self.config.model_dir,
@@ -196,7 +201,7 @@ class Job:
          f"remaining_local_steps={max(remaining, 0)} "
          f"model_dir={c.model_dir}")
 
-    seconds = 0.0
+    seconds = release_seconds = 0.0
     health_cb = curve = None
     # One manager per phase: its write is traced once (see
     # checkpoints.CheckpointManager for the leak that avoids).
@@ -229,18 +234,20 @@ class Job:
         callbacks.append(curve)
       if c.input == "shared" and self.task.is_chief:
         self._start_data_service()
-      start = time.perf_counter()
-      model.fit(
+      # Timed to the end of training: what `fit`'s return then releases is
+      # not training (fit_clock), and is recorded apart.
+      _, seconds, release_seconds = fit_clock.timed_fit(
+          model,
           tf.keras.utils.experimental.DatasetCreator(
               self._dataset_fn(sync, start_samples)),
           epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
           verbose=2 if self.task.is_chief else 0)
-      seconds = time.perf_counter() - start
     step = int(optimizer.iterations.numpy())
     finished = samples_at(step) >= total * batch
     eval_seconds = curve.seconds if curve is not None else 0.0
     phase = self._phase(step - restored, seconds - eval_seconds, eval_seconds,
                         strategy, sync, per_step)
+    phase["release_seconds"] = release_seconds
     phase["steady_samples_per_s"] = (curve.steady_samples_per_s()
                                      if curve is not None else None)
     # The phase's held-out curve: result.json keeps only the last phase's,
