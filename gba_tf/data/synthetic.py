@@ -312,6 +312,6 @@ def with_straggler(dataset: tf.data.Dataset, step_ms: float,
   # and deleting an autotuned iterator, which `fit` does as it returns,
   # waited for the autotune thread's next timed wake-up (tens of seconds;
   # `compat.disable_device_autotune` does the same for the per-device
-  # datasets that MultiWorkerMirroredStrategy adds after this one).
+  # datasets that both strategies add after this one).
   options.autotune.enabled = False
   return dataset.prefetch(1).with_options(options)
