@@ -73,8 +73,8 @@ class EmulationTest(tf.test.TestCase):
     self.assertLess(seconds[1], seconds[3])
 
   def test_pipeline_neither_autotunes_nor_injects_prefetch(self):
-    # Autotuning made MultiWorkerMirroredStrategy's `fit` return up to a
-    # minute late (the comment in `with_straggler`); an injected prefetch
+    # Autotuning made `fit` return up to a minute late under both
+    # strategies (the comment in `with_straggler`); an injected prefetch
     # would let a straggler bank batches.
     options = self._dataset(0, "1:4").options()
     self.assertIs(options.autotune.enabled, False)
