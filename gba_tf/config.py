@@ -64,6 +64,11 @@ NORMALIZATIONS = ("global_batch", "weights")
 # it applies 1.4-5.5% fewer steps, which past the peak gives about half
 # its lead on the held-out curve, and it throws away the straggler's
 # batches, so max_staleness stays 16.
+# Ten more seeds of the defaults (20; README "Twenty seeds") end -0.0007
+# [-0.0020, +0.0006], but five of them ran a milder straggler (3+ steps
+# stale on 1.3-2.6% of pushes, not 6.2-6.6%) and ended +0.0012; the other
+# fifteen -0.0013 [-0.0028, +0.0001]. No variant was run on them, so the
+# defaults stay.
 # On the synthetic DCN-v2 job near convergence (2,500 steps, short of its
 # plateau at about 5,000; same straggler, 5 seeds; README "Synthetic data
 # near convergence") the straggler's gradients arrive 1-2 steps stale, the
