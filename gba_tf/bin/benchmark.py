@@ -747,9 +747,35 @@ def _paired(runs, reference):
                for key in ("test_auc", "test_logloss"))
 
 
+def reweighted_share(row):
+  """The share of a run's pushes that the staleness policy decayed or
+  dropped (None for a run without GBA counters: sync).
+
+  How stale a straggler's gradients arrive depends on the host's speed as
+  well as on the straggler's factor (a slower host shrinks the straggler's
+  relative lag), so runs of one condition can differ in it; README "Twenty
+  seeds" met such a case. Its range per case shows it in the summary.
+
+  Example:
+
+  >>> reweighted_share({"gba_counters": {"pushed": 200, "decayed": 9,
+  ...                                    "dropped": 1}})
+  0.05
+  >>> reweighted_share({"gba_counters": None}) is None
+  True
+  """
+  counters = row.get("gba_counters")
+  if not counters or not counters.get("pushed"):
+    return None
+  return (counters.get("decayed", 0) + counters.get("dropped", 0)) / counters[
+      "pushed"]
+
+
 def summarize_converge(rows):
   """Per (dataset, condition, mode): final AUC / logloss and plateau per
-  seed, and the differences from healthy sync paired by seed."""
+  seed, the share of pushes decayed or dropped per seed
+  (`reweighted_share`), and the differences from healthy sync paired by
+  seed."""
   groups = {}
   for row in rows:
     groups.setdefault((row["dataset"], row["condition"], row["mode"]),
@@ -769,6 +795,7 @@ def summarize_converge(rows):
         "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
         "plateau_gain": gains,
         "plateaued": sum(g < convergence.PLATEAU_MIN_GAIN for g in gains),
+        "decayed_or_dropped": [reweighted_share(r) for r in runs],
         "auc_vs_healthy_sync": auc,
         "logloss_vs_healthy_sync": logloss,
         "meets_target": (convergence.meets_target(auc)
@@ -781,16 +808,22 @@ def summarize_converge(rows):
 def converge_table(summary) -> str:
   lines = [f"{'dataset':10} {'condition':15} {'mode':18} {'AUC':>7} "
            f"{'logloss':>8} {'dAUC vs healthy sync [95% CI]':>34} "
-           f"{'plateaued':>9} {'samples/s':>9}"]
+           f"{'plateaued':>9} {'samples/s':>9} {'decayed/dropped':>15}"]
   for e in summary:
     d = e["auc_vs_healthy_sync"]
+    # A summary stored before the field existed has none.
+    shares = [s for s in e.get("decayed_or_dropped") or [] if s is not None]
+    spread = (f"{min(shares):.1%}-{max(shares):.1%}" if shares else "-")
     lines.append(
         f"{e['dataset']:10} {e['condition']:15} {e['mode']:18} "
         f"{e['test_auc']:7.4f} {e['test_logloss']:8.4f} "
         f"{d['mean']:+10.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (n={d['n']})"
-        f" {e['plateaued']:>5}/{e['seeds']} {e['samples_per_s']:9.0f}")
+        f" {e['plateaued']:>5}/{e['seeds']} {e['samples_per_s']:9.0f}"
+        f" {spread:>15}")
   lines.append(f"plateaued: AUC gain < {convergence.PLATEAU_MIN_GAIN} over "
-               f"the last {convergence.PLATEAU_FRACTION:.0%} of the samples")
+               f"the last {convergence.PLATEAU_FRACTION:.0%} of the samples; "
+               "decayed/dropped: the seeds' range of pushes the staleness "
+               "policy decayed or dropped")
   return "\n".join(lines)
 
 
