@@ -767,8 +767,7 @@ def reweighted_share(row):
   counters = row.get("gba_counters")
   if not counters or not counters.get("pushed"):
     return None
-  return (counters.get("decayed", 0) + counters.get("dropped", 0)) / counters[
-      "pushed"]
+  return (counters["decayed"] + counters["dropped"]) / counters["pushed"]
 
 
 def summarize_converge(rows):
@@ -811,8 +810,7 @@ def converge_table(summary) -> str:
            f"{'plateaued':>9} {'samples/s':>9} {'decayed/dropped':>15}"]
   for e in summary:
     d = e["auc_vs_healthy_sync"]
-    # A summary stored before the field existed has none.
-    shares = [s for s in e.get("decayed_or_dropped") or [] if s is not None]
+    shares = [s for s in e["decayed_or_dropped"] if s is not None]
     spread = (f"{min(shares):.1%}-{max(shares):.1%}" if shares else "-")
     lines.append(
         f"{e['dataset']:10} {e['condition']:15} {e['mode']:18} "
