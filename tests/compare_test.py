@@ -18,12 +18,14 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(condition, mode, seed, auc, logloss=0.5, peak=None,
-         dataset="movielens"):
+         dataset="movielens", decayed=None):
   curve = [{"samples": 100, "auc": auc if peak is None else peak},
            {"samples": 200, "auc": auc}]
+  counters = (None if decayed is None else
+              {"pushed": 1000, "decayed": decayed, "dropped": 0})
   return {"dataset": dataset, "condition": condition, "mode": mode,
           "repeat": seed, "test_auc": auc, "test_logloss": logloss,
-          "curve": curve}
+          "curve": curve, "gba_counters": counters}
 
 
 class ParseSideTest(tf.test.TestCase):
@@ -137,6 +139,35 @@ class CompareCommandTest(tf.test.TestCase):
       stored = json.load(f)
     self.assertEqual(stored["test_auc"]["n"], 2)
     self.assertAllClose(stored["test_auc"]["per_seed"], [-0.001, 0.002])
+
+    self.assertEqual(stored["unlike_seeds"], {"runs": [], "against": []})
+    self.assertNotIn("note:", done.stdout)
+
+    # A compared seed that ran another straggler is named: GBA's shares
+    # 6.0%, 6.2%, 1.5%, 6.4% (median 6.1%; seed 2 is 4.6 points off it,
+    # more than half of it); sync has no counters.
+    gba = os.path.join(out, "gba.json")
+    with open(gba, "w") as f:
+      json.dump({"runs": [_run("straggler", "gba", s, 0.78, decayed=d)
+                          for s, d in enumerate([60, 62, 15, 64])]}, f)
+    sync = os.path.join(out, "sync.json")
+    with open(sync, "w") as f:
+      json.dump({"runs": [_run("healthy", "sync", s, 0.78)
+                          for s in range(4)]}, f)
+    done = self._command(f"--runs={gba}:straggler/gba",
+                         f"--against={sync}:healthy/sync",
+                         f"--json={written}")
+    self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+    self.assertIn("note: --runs: seed 2 decayed or dropped 1.5% of its "
+                  "pushes, the seeds' median 6.1%", done.stdout)
+    with open(written) as f:
+      self.assertEqual(json.load(f)["unlike_seeds"],
+                       {"runs": [2], "against": []})
+    # Compared on seeds 0-1 only (a has no seed 2): seed 2 is not named.
+    done = self._command(f"--runs={gba}:straggler/gba",
+                         f"--against={a}:healthy/sync")
+    self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+    self.assertNotIn("note:", done.stdout)
 
     # Bad input: exit 2, one line naming the value, nothing written.
     os.remove(written)

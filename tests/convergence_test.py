@@ -216,6 +216,49 @@ class DecayedShareTest(tf.test.TestCase):
     self.assertAlmostEqual(shares[18], 402 / 8000)
     self.assertAlmostEqual(min(shares[:10]), 493 / 8000)
     self.assertAlmostEqual(max(shares[:10]), 528 / 8000)
+    # The median of the twenty, (402 + 493) / 2 / 8,000 = 5.59%: a seed is
+    # named off it by more than half of it, 2.8 points. Seeds 11-15 (105,
+    # 164, 206, 156, 211 of 8,000: 1.3-2.6%) are; seed 10's 301 (3.76%,
+    # 1.8 off) is not. The table says so under the figures.
+    self.assertEqual(gba["unlike_seeds"], [11, 12, 13, 14, 15])
+    note = benchmark.converge_table([gba]).splitlines()[-1]
+    self.assertTrue(note.startswith(
+        "note: movielens straggler gba: seeds 11, 12, 13, 14, 15 decayed or "
+        "dropped 1.3%, 2.1%, 2.6%, 1.9%, 2.6% of their pushes, the seeds' "
+        "median 5.6%"), note)
+
+  def test_the_two_straggler_runs_have_no_unlike_seed(self):
+    # GBA's twenty seeds: 375 (seed 5, 4.7%) to 532 of 8,000 (6.6%),
+    # median 6.4%; seed 5 is 1.7 points off it, under the 3.2 (half the
+    # median) that names a seed. Backup workers drop 37.6-39.7%: none
+    # named either.
+    for stem, mode in [("two_stragglers_20_seeds", "gba"),
+                       ("two_stragglers_backup_workers_20_seeds",
+                        "backup_workers")]:
+      with open(os.path.join(testing_utils.ROOT, "docs", "results",
+                             f"converge_movielens_plateau_{stem}.json")) as f:
+        rows = json.load(f)["runs"]
+      summary = benchmark.summarize_converge(rows)
+      self.assertEqual({e["mode"]: e["unlike_seeds"] for e in summary},
+                       {"sync": [], mode: []})
+      self.assertFalse(any(line.startswith("note:") for line in
+                           benchmark.converge_table(summary).splitlines()))
+
+  def test_unlike_seeds_by_hand(self):
+    # Median of 0.10, 0.10, 0.10, 0.04, 0.16, 0.05 is 0.10: a seed is
+    # named when off it by more than max(0.5 * 0.10, 0.01) = 0.05. Seed 3
+    # (0.06 off) and seed 4 (0.06 off, above) are; seed 5 (exactly 0.05
+    # off) is not. None (a sync run) is skipped.
+    shares = {0: 0.10, 1: 0.10, 2: 0.10, 3: 0.04, 4: 0.16, 5: 0.05, 6: None}
+    self.assertEqual(convergence.unlike_seeds(shares), [3, 4])
+    # The one-point floor: median 0.004, so half of it is 0.002, but 0.012
+    # (0.008 off) is not named, and 0.0151 (0.0111 off) is.
+    self.assertEqual(convergence.unlike_seeds(
+        {0: 0.004, 1: 0.004, 2: 0.012, 3: 0.0}), [])
+    self.assertEqual(convergence.unlike_seeds(
+        {0: 0.004, 1: 0.004, 2: 0.0151, 3: 0.0}), [2])
+    # Two shares: no "others"; none named however far apart.
+    self.assertEqual(convergence.unlike_seeds({0: 0.06, 1: 0.001}), [])
 
 
 class PairedDifferenceTest(tf.test.TestCase):

@@ -747,34 +747,12 @@ def _paired(runs, reference):
                for key in ("test_auc", "test_logloss"))
 
 
-def reweighted_share(row):
-  """The share of a run's pushes that the staleness policy decayed or
-  dropped (None for a run without GBA counters: sync).
-
-  How stale a straggler's gradients arrive depends on the host's speed as
-  well as on the straggler's factor (a slower host shrinks the straggler's
-  relative lag), so runs of one condition can differ in it; README "Twenty
-  seeds" met such a case. Its range per case shows it in the summary.
-
-  Example:
-
-  >>> reweighted_share({"gba_counters": {"pushed": 200, "decayed": 9,
-  ...                                    "dropped": 1}})
-  0.05
-  >>> reweighted_share({"gba_counters": None}) is None
-  True
-  """
-  counters = row.get("gba_counters")
-  if not counters or not counters.get("pushed"):
-    return None
-  return (counters["decayed"] + counters["dropped"]) / counters["pushed"]
-
-
 def summarize_converge(rows):
   """Per (dataset, condition, mode): final AUC / logloss and plateau per
   seed, the share of pushes decayed or dropped per seed
-  (`reweighted_share`), and the differences from healthy sync paired by
-  seed."""
+  (`convergence.reweighted_share`) and the seeds where it is unlike the
+  others' (`convergence.unlike_seeds`), and the differences from healthy
+  sync paired by seed."""
   groups = {}
   for row in rows:
     groups.setdefault((row["dataset"], row["condition"], row["mode"]),
@@ -784,9 +762,11 @@ def summarize_converge(rows):
     auc, logloss = _paired(runs, groups.get((dataset, "healthy", "sync"),
                                             []))
     gains = [convergence.plateau_gain(r["curve"]) for r in runs]
+    shares = [convergence.reweighted_share(r) for r in runs]
     summary.append({
         "dataset": dataset, "condition": condition, "mode": mode,
         "seeds": len(runs),
+        "repeats": [r["repeat"] for r in runs],
         "test_auc": statistics.fmean(r["test_auc"] for r in runs),
         "test_logloss": statistics.fmean(r["test_logloss"] for r in runs),
         "best_auc": runs[0]["best_auc"],
@@ -794,7 +774,9 @@ def summarize_converge(rows):
         "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
         "plateau_gain": gains,
         "plateaued": sum(g < convergence.PLATEAU_MIN_GAIN for g in gains),
-        "decayed_or_dropped": [reweighted_share(r) for r in runs],
+        "decayed_or_dropped": shares,
+        "unlike_seeds": convergence.unlike_seeds(
+            dict(zip((r["repeat"] for r in runs), shares))),
         "auc_vs_healthy_sync": auc,
         "logloss_vs_healthy_sync": logloss,
         "meets_target": (convergence.meets_target(auc)
@@ -822,6 +804,12 @@ def converge_table(summary) -> str:
                f"the last {convergence.PLATEAU_FRACTION:.0%} of the samples; "
                "decayed/dropped: the seeds' range of pushes the staleness "
                "policy decayed or dropped")
+  for e in summary:
+    if e["unlike_seeds"]:
+      lines.append(convergence.unlike_note(
+          f"{e['dataset']} {e['condition']} {e['mode']}",
+          dict(zip(e["repeats"], e["decayed_or_dropped"])),
+          e["unlike_seeds"]))
   return "\n".join(lines)
 
 

@@ -19,6 +19,9 @@ evaluation of the curve: what early stopping would keep), the mean of
 `runs - against` over seeds with its 95% confidence interval
 (`gba_tf.launch.convergence.paired_difference`), the per-seed differences,
 and in how many seeds `runs` is above; with --json=PATH it also writes them.
+A compared seed whose share of pushes decayed or dropped is unlike the rest
+of its side's (`gba_tf.launch.convergence.unlike_seeds`: its stragglers
+lagged otherwise, e.g. on a slower host) is named in a note under them.
 """
 
 import json
@@ -123,6 +126,25 @@ def compare(runs, against):
   return result
 
 
+def unlike(side, seeds):
+  """The shares of pushes decayed or dropped of `side` (dict seed -> run)
+  by seed, and those of `seeds` (the compared ones) that
+  `convergence.unlike_seeds` finds unlike all of the side's runs.
+
+  Example (median 0.06; seed 2's 0.02 is unlike it, and seed 3's 0.01 too,
+  but seed 3 is not compared):
+
+  >>> def run(decayed):
+  ...   return {"gba_counters": {"pushed": 100, "decayed": decayed,
+  ...                            "dropped": 0}}
+  >>> side = {0: run(6), 1: run(6), 2: run(2), 3: run(1), 4: run(7)}
+  >>> unlike(side, [0, 1, 2])[1]
+  [2]
+  """
+  shares = {s: convergence.reweighted_share(r) for s, r in side.items()}
+  return shares, [s for s in convergence.unlike_seeds(shares) if s in seeds]
+
+
 def _load(flag):
   path, condition, mode = parse_side(flag, FLAGS[flag].value)
   try:
@@ -152,18 +174,24 @@ def main(argv) -> int:
       if not FLAGS[flag].value:
         raise ValueError(f"Received: --{flag}={FLAGS[flag].value}; it is "
                          "required (PATH:CONDITION/MODE).")
-    runs, against = _load("runs"), _load("against")
-    result = compare(runs, against)
+    sides = {"runs": _load("runs"), "against": _load("against")}
+    result = compare(sides["runs"], sides["against"])
   except ValueError as e:
     print(e, file=sys.stderr)
     return 2
   print(f"{FLAGS.runs} minus {FLAGS.against}, paired by seed "
         "(mean [95% CI]):")
   print(table(result))
+  unlike_seeds = {}
+  for flag, side in sides.items():
+    shares, unlike_seeds[flag] = unlike(side, result["test_auc"]["seeds"])
+    if unlike_seeds[flag]:
+      print(convergence.unlike_note(f"--{flag}", shares, unlike_seeds[flag]))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump({"runs": FLAGS.runs, "against": FLAGS.against,
-                 "dataset": FLAGS.dataset, **result}, f, indent=1)
+                 "dataset": FLAGS.dataset, **result,
+                 "unlike_seeds": unlike_seeds}, f, indent=1)
   return 0
 
 

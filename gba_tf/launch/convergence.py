@@ -28,7 +28,7 @@ import json
 import math
 import os
 import statistics
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 # Two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30 (any
 # statistics table); past 30 the normal 1.96 (at df = 30 t is 2.042).
@@ -41,6 +41,14 @@ PLATEAU_MIN_GAIN = 0.001
 # Issue targets: GBA's final AUC paired against healthy sync.
 TARGET_MEAN = -0.001
 TARGET_LOWER = -0.002
+# A seed whose share of pushes decayed or dropped is off its case's median
+# by more than half that median, and by more than one point (see
+# `unlike_seeds`). The seeds of one job on one host spread far less (the
+# one-straggler MovieLens job's seeds 0-9: 6.2-6.6%); a slower host halved
+# it (seeds 11-15 of its twenty: 1.3-2.6%, README "Twenty seeds"). The
+# point keeps a healthy cluster's 0-0.2% from being told apart by noise.
+UNLIKE_RATIO = 0.5
+UNLIKE_FLOOR = 0.01
 
 
 def t975(df: int) -> float:
@@ -153,6 +161,84 @@ def seed_band(curves: Sequence[Sequence[Mapping[str, float]]],
           "low": values.min(axis=0).tolist(),
           "high": values.max(axis=0).tolist(),
           "seeds": len(kept), "skipped": len(curves) - len(kept)}
+
+
+def reweighted_share(run: Mapping[str, object]) -> Optional[float]:
+  """The share of a run's pushes that the staleness policy decayed or
+  dropped (None for a run without GBA counters: sync).
+
+  How stale a straggler's gradients arrive depends on the host's speed as
+  well as on the straggler's factor (a slower host shrinks the straggler's
+  relative lag), so runs of one condition can differ in it; README "Twenty
+  seeds" met such a case (`unlike_seeds` names them).
+
+  Example:
+
+  >>> reweighted_share({"gba_counters": {"pushed": 200, "decayed": 9,
+  ...                                    "dropped": 1}})
+  0.05
+  >>> reweighted_share({"gba_counters": None}) is None
+  True
+  """
+  counters = run.get("gba_counters")
+  if not counters or not counters.get("pushed"):
+    return None
+  return (counters["decayed"] + counters["dropped"]) / counters["pushed"]
+
+
+def unlike_seeds(shares: Mapping[int, Optional[float]],
+                 ratio: float = UNLIKE_RATIO,
+                 floor: float = UNLIKE_FLOOR) -> List[int]:
+  """The seeds whose `reweighted_share` is unlike the rest of their case's.
+
+  `shares` maps seed -> share (None, a run without GBA counters, is
+  skipped). A seed is unlike the others when its share is off the median of
+  all the seeds' shares by more than `ratio` times that median and by more
+  than `floor`; with fewer than 3 shares there is no "others" to tell one
+  from, and none is named. Such a run's stragglers lagged otherwise than
+  its peers' (the host ran slower or faster), so its condition was in
+  effect another job's, and a mean over the seeds mixes two jobs.
+
+  Example (median 0.06; off by more than 0.03 and 0.01: seed 2's 0.02 is,
+  seed 1's 0.05 and seed 3's 0.08 are not):
+
+  >>> unlike_seeds({0: 0.06, 1: 0.05, 2: 0.02, 3: 0.08, 4: 0.065})
+  [2]
+  >>> unlike_seeds({0: 0.0015, 1: 0.0, 2: 0.0})  # healthy: under a point
+  []
+  >>> unlike_seeds({0: 0.06, 1: 0.02, 2: None})  # two: which one?
+  []
+  """
+  known = {s: v for s, v in shares.items() if v is not None}
+  if len(known) < 3:
+    return []
+  median = statistics.median(known.values())
+  limit = max(ratio * median, floor)
+  return sorted(s for s, v in known.items() if abs(v - median) > limit)
+
+
+def unlike_note(case: str, shares: Mapping[int, Optional[float]],
+                seeds: Sequence[int]) -> str:
+  """One line naming `seeds` of `case` (`unlike_seeds` of `shares`), their
+  shares and the case's median, for a table printed under the figures.
+
+  Example:
+
+  >>> print(unlike_note("movielens straggler gba",
+  ...                   {0: 0.06, 1: 0.05, 2: 0.02}, [2]))
+  note: movielens straggler gba: seed 2 decayed or dropped 2.0% of its
+  pushes, the seeds' median 5.0%: its stragglers lagged otherwise (another
+  host speed), so the figures above mix two jobs
+  """
+  known = [v for v in shares.values() if v is not None]
+  one = len(seeds) == 1
+  return (f"note: {case}: seed{'' if one else 's'} "
+          f"{', '.join(str(s) for s in seeds)} decayed or dropped "
+          f"{', '.join(f'{shares[s]:.1%}' for s in seeds)} of "
+          f"{'its' if one else 'their'} pushes, the seeds' median "
+          f"{statistics.median(known):.1%}: {'its' if one else 'their'} "
+          "stragglers lagged otherwise (another host speed), so the figures "
+          "above mix two jobs")
 
 
 def read_report_json(path: str, kind: str = "--converge") -> dict:
