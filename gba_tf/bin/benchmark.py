@@ -762,11 +762,12 @@ def summarize_converge(rows):
     auc, logloss = _paired(runs, groups.get((dataset, "healthy", "sync"),
                                             []))
     gains = [convergence.plateau_gain(r["curve"]) for r in runs]
+    repeats = [r["repeat"] for r in runs]
     shares = [convergence.reweighted_share(r) for r in runs]
     summary.append({
         "dataset": dataset, "condition": condition, "mode": mode,
         "seeds": len(runs),
-        "repeats": [r["repeat"] for r in runs],
+        "repeats": repeats,
         "test_auc": statistics.fmean(r["test_auc"] for r in runs),
         "test_logloss": statistics.fmean(r["test_logloss"] for r in runs),
         "best_auc": runs[0]["best_auc"],
@@ -775,8 +776,7 @@ def summarize_converge(rows):
         "plateau_gain": gains,
         "plateaued": sum(g < convergence.PLATEAU_MIN_GAIN for g in gains),
         "decayed_or_dropped": shares,
-        "unlike_seeds": convergence.unlike_seeds(
-            dict(zip((r["repeat"] for r in runs), shares))),
+        "unlike_seeds": convergence.unlike_seeds(dict(zip(repeats, shares))),
         "auc_vs_healthy_sync": auc,
         "logloss_vs_healthy_sync": logloss,
         "meets_target": (convergence.meets_target(auc)
