@@ -1,7 +1,12 @@
 """MovieLens-100K loader on a small fixture written by the test."""
 
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
+import time
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -69,6 +74,54 @@ class MovieLensTest(tf.test.TestCase):
                      np.array_equal(a.test_ids, c.test_ids))
     rows = {tuple(r) for r in a.train_ids} & {tuple(r) for r in a.test_ids}
     self.assertEmpty(rows)
+
+  def test_a_job_fetching_at_once_downloads_once(self):
+    # Eight processes (a launched job's workers on a fresh machine) fetch
+    # into one empty cache at the same moment. pip is replaced by a copy of
+    # a local wheel holding the fixture, which takes 0.5 s, so that every
+    # process is inside fetch while the first downloads. Each process loads
+    # the module by its path (numpy only), not through gba_tf (TF).
+    root = self.get_temp_dir()
+    wheel = os.path.join(root, "recbole.whl")
+    with zipfile.ZipFile(wheel, "w") as z:
+      for name, text in (("inter", _INTER), ("user", _USER),
+                         ("item", _ITEM)):
+        z.writestr(movielens._MEMBER.format(name), text)
+    cache = os.path.join(root, "cache")
+    downloads = os.path.join(root, "downloads")
+    script = textwrap.dedent("""
+        import importlib.util, os, shutil, sys, time
+        path, wheel, cache, downloads, start = sys.argv[1:]
+        spec = importlib.util.spec_from_file_location("ml", path)
+        ml = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ml)
+        def download(dest):
+          with open(downloads, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+          time.sleep(0.5)
+          return shutil.copy(wheel, dest)
+        ml._download_wheel = download
+        time.sleep(max(0.0, float(start) - time.time()))
+        print(len(ml.load(ml.fetch(cache), test_fraction=0.5).train_ids))
+        """)
+    start = time.time() + 3.0
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", script, movielens.__file__, wheel, cache,
+         downloads, str(start)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    results = [p.communicate(timeout=60) + (p.returncode,) for p in procs]
+    for out, err, code in results:
+      self.assertEqual((code, out.strip()), (0, "3"), err[-2000:])
+    with open(downloads) as f:
+      self.assertLen(f.read().split(), 1)
+    for name, text in (("inter", _INTER), ("user", _USER), ("item", _ITEM)):
+      with open(os.path.join(cache, f"ml-100k.{name}")) as f:
+        self.assertEqual(f.read(), text)
+    # The wait is for a lock, not the files: once they are there, a fetch
+    # returns without it.
+    os.remove(os.path.join(cache, ".lock"))
+    self.assertEqual(movielens.fetch(cache), cache)
+    self.assertFalse(os.path.exists(os.path.join(cache, ".lock")))
 
   def test_bad_input(self):
     with self.assertRaisesRegex(ValueError, "test_fraction=1.5"):

@@ -21,6 +21,7 @@ data.train_ids.shape, data.vocab_size         # ((80000, 8), ~2,700)
 """
 
 import dataclasses
+import fcntl
 import glob
 import os
 import subprocess
@@ -47,31 +48,53 @@ def default_cache_dir() -> str:
   return os.path.join(root, "gba_tf", "ml-100k")
 
 
+def _download_wheel(dest: str) -> str:
+  """The recbole wheel, downloaded by pip into `dest`; returns its path."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+       "--dest", dest, _RECBOLE], capture_output=True, text=True,
+      timeout=_DOWNLOAD_TIMEOUT_S, check=False)
+  wheels = glob.glob(os.path.join(dest, "*.whl"))
+  if proc.returncode or not wheels:
+    raise RuntimeError(
+        f"Could not fetch MovieLens-100K ({_RECBOLE} from PyPI): "
+        f"{proc.stderr.strip()[-500:]}")
+  return wheels[0]
+
+
+def _cached(cache_dir: str) -> bool:
+  return all(os.path.exists(os.path.join(cache_dir, f"ml-100k.{f}"))
+             for f in _FILES)
+
+
 def fetch(cache_dir: Optional[str] = None) -> str:
-  """Makes sure ml-100k.{inter,user,item} are in `cache_dir`; returns it."""
+  """Makes sure ml-100k.{inter,user,item} are in `cache_dir`; returns it.
+
+  Safe to call from every task of a job at once: one process downloads
+  while the others wait for it.
+  """
   cache_dir = cache_dir or default_cache_dir()
-  if all(os.path.exists(os.path.join(cache_dir, f"ml-100k.{f}"))
-         for f in _FILES):
+  if _cached(cache_dir):
     return cache_dir
   os.makedirs(cache_dir, exist_ok=True)
-  with tempfile.TemporaryDirectory(prefix="gba_ml100k_") as tmp:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-         "--dest", tmp, _RECBOLE], capture_output=True, text=True,
-        timeout=_DOWNLOAD_TIMEOUT_S, check=False)
-    wheels = glob.glob(os.path.join(tmp, "*.whl"))
-    if proc.returncode or not wheels:
-      raise RuntimeError(
-          f"Could not fetch MovieLens-100K ({_RECBOLE} from PyPI): "
-          f"{proc.stderr.strip()[-500:]}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-      for name in _FILES:
-        data = wheel.read(_MEMBER.format(name))
-        # Written whole then renamed: a cache never holds half a file.
-        target = os.path.join(cache_dir, f"ml-100k.{name}")
-        with open(target + ".tmp", "wb") as f:
-          f.write(data)
-        os.replace(target + ".tmp", target)
+  # On a fresh machine every task of a launched job gets here together.
+  # Without the lock each downloaded the wheel and they wrote one .tmp name:
+  # a worker whose rename found the file already moved died, and its job
+  # with it. The lock is released when the file closes, also when a process
+  # dies holding it; the next one then finds no files and downloads.
+  with open(os.path.join(cache_dir, ".lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if _cached(cache_dir):
+      return cache_dir
+    with tempfile.TemporaryDirectory(prefix="gba_ml100k_") as tmp:
+      with zipfile.ZipFile(_download_wheel(tmp)) as wheel:
+        for name in _FILES:
+          data = wheel.read(_MEMBER.format(name))
+          # Written whole then renamed: a cache never holds half a file.
+          target = os.path.join(cache_dir, f"ml-100k.{name}")
+          with open(target + ".tmp", "wb") as f:
+            f.write(data)
+          os.replace(target + ".tmp", target)
   return cache_dir
 
 
