@@ -179,6 +179,15 @@ class ReadReportJsonTest(tf.test.TestCase):
       convergence.read_report_json(no_runs, "--switching")
 
 
+def _stored_summary(stem):
+  """mode -> `summarize_converge` entry of the stored
+  docs/results/converge_movielens_plateau_<stem>.json."""
+  with open(os.path.join(testing_utils.ROOT, "docs", "results",
+                         f"converge_movielens_plateau_{stem}.json")) as f:
+    rows = json.load(f)["runs"]
+  return {e["mode"]: e for e in benchmark.summarize_converge(rows)}
+
+
 class DecayedShareTest(tf.test.TestCase):
 
   def test_share_decayed_or_dropped_per_seed_by_hand(self):
@@ -202,15 +211,18 @@ class DecayedShareTest(tf.test.TestCase):
     self.assertTrue(table[1].endswith(" -"), table[1])
     self.assertTrue(table[2].endswith(" 0.0%-5.0%"), table[2])
 
+  def _assert_named(self, entry, seeds, note):
+    """`entry` names `seeds` unlike, and the table's last line starts with
+    `note`."""
+    self.assertEqual(entry["unlike_seeds"], seeds)
+    last = benchmark.converge_table([entry]).splitlines()[-1]
+    self.assertTrue(last.startswith(note), last)
+
   def test_the_twenty_seed_run_shows_its_milder_seeds(self):
     # README "Twenty seeds": seeds 11-15 ran a milder straggler; the
     # stored counters give 105 / 8,000 = 1.3% (seed 11) and 402 / 8,000 =
     # 5.0% (seed 18), against 493-528 of 8,000 (6.2-6.6%) in seeds 0-9.
-    with open(os.path.join(testing_utils.ROOT, "docs", "results",
-                           "converge_movielens_plateau_20_seeds.json")) as f:
-      rows = json.load(f)["runs"]
-    gba = next(e for e in benchmark.summarize_converge(rows)
-               if e["mode"] == "gba")
+    gba = _stored_summary("20_seeds")["gba"]
     shares = gba["decayed_or_dropped"]
     self.assertAlmostEqual(shares[11], 105 / 8000)
     self.assertAlmostEqual(shares[18], 402 / 8000)
@@ -220,12 +232,11 @@ class DecayedShareTest(tf.test.TestCase):
     # named off it by more than half of it, 2.8 points. Seeds 11-15 (105,
     # 164, 206, 156, 211 of 8,000: 1.3-2.6%) are; seed 10's 301 (3.76%,
     # 1.8 off) is not. The table says so under the figures.
-    self.assertEqual(gba["unlike_seeds"], [11, 12, 13, 14, 15])
-    note = benchmark.converge_table([gba]).splitlines()[-1]
-    self.assertTrue(note.startswith(
+    self._assert_named(
+        gba, [11, 12, 13, 14, 15],
         "note: movielens straggler gba: seeds 11, 12, 13, 14, 15 decayed or "
         "dropped 1.3%, 2.1%, 2.6%, 1.9%, 2.6% of their pushes, the seeds' "
-        "median 5.6%"), note)
+        "median 5.6%")
 
   def test_the_8_worker_fifteen_seeds_show_their_harsher_seeds(self):
     # README "Fifteen seeds": seeds 10-14 ran on a host twice as fast, and
@@ -235,21 +246,15 @@ class DecayedShareTest(tf.test.TestCase):
     # of it is under the one-point floor, so a seed is named off it by more
     # than 0.01: seeds 10-14 (2.8-3.1 points off) are, seed 6's 59 (0.08
     # off) is not.
-    with open(os.path.join(
-        testing_utils.ROOT, "docs", "results",
-        "converge_movielens_plateau_8w_two_stragglers_15_seeds.json")) as f:
-      rows = json.load(f)["runs"]
-    gba = next(e for e in benchmark.summarize_converge(rows)
-               if e["mode"] == "gba")
+    gba = _stored_summary("8w_two_stragglers_15_seeds")["gba"]
     self.assertEqual([round(s * 16000) for s in gba["decayed_or_dropped"]],
                      [49, 10, 38, 20, 44, 47, 59, 20, 18, 30,
                       499, 497, 536, 511, 535])
-    self.assertEqual(gba["unlike_seeds"], [10, 11, 12, 13, 14])
-    note = benchmark.converge_table([gba]).splitlines()[-1]
-    self.assertTrue(note.startswith(
+    self._assert_named(
+        gba, [10, 11, 12, 13, 14],
         "note: movielens two_stragglers gba: seeds 10, 11, 12, 13, 14 "
         "decayed or dropped 3.1%, 3.1%, 3.4%, 3.2%, 3.3% of their pushes, "
-        "the seeds' median 0.3%"), note)
+        "the seeds' median 0.3%")
 
   def test_runs_at_one_staleness_have_no_unlike_seed(self):
     # Two stragglers, GBA's twenty seeds: 375 (seed 5, 4.7%) to 532 of
@@ -265,10 +270,7 @@ class DecayedShareTest(tf.test.TestCase):
                        ("two_stragglers_backup_workers_20_seeds",
                         "backup_workers"),
                        ("20_seeds_rerun_11_15", "gba")]:
-      with open(os.path.join(testing_utils.ROOT, "docs", "results",
-                             f"converge_movielens_plateau_{stem}.json")) as f:
-        rows = json.load(f)["runs"]
-      summary = benchmark.summarize_converge(rows)
+      summary = list(_stored_summary(stem).values())
       self.assertEqual({e["mode"]: e["unlike_seeds"] for e in summary},
                        {"sync": [], mode: []})
       self.assertFalse(any(line.startswith("note:") for line in
