@@ -31,13 +31,14 @@ _ITEM = """item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token
 20\tGoldenEye\t1995\tAction Adventure Thriller
 30\tFour Rooms\t1995\tThriller
 """
+_TEXTS = {"inter": _INTER, "user": _USER, "item": _ITEM}
 
 
 class MovieLensTest(tf.test.TestCase):
 
   def _fixture(self, inter=_INTER):
     d = tempfile.mkdtemp()
-    for name, text in (("inter", inter), ("user", _USER), ("item", _ITEM)):
+    for name, text in dict(_TEXTS, inter=inter).items():
       with open(os.path.join(d, f"ml-100k.{name}"), "w") as f:
         f.write(text)
     return d
@@ -84,8 +85,7 @@ class MovieLensTest(tf.test.TestCase):
     root = self.get_temp_dir()
     wheel = os.path.join(root, "recbole.whl")
     with zipfile.ZipFile(wheel, "w") as z:
-      for name, text in (("inter", _INTER), ("user", _USER),
-                         ("item", _ITEM)):
+      for name, text in _TEXTS.items():
         z.writestr(movielens._MEMBER.format(name), text)
     cache = os.path.join(root, "cache")
     downloads = os.path.join(root, "downloads")
@@ -109,12 +109,16 @@ class MovieLensTest(tf.test.TestCase):
         [sys.executable, "-c", script, movielens.__file__, wheel, cache,
          downloads, str(start)], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    for p in procs:
+      # A fetch that hangs (a lock never released) fails the test by the
+      # timeout below and leaves no process behind.
+      self.addCleanup(p.kill)
     results = [p.communicate(timeout=60) + (p.returncode,) for p in procs]
     for out, err, code in results:
       self.assertEqual((code, out.strip()), (0, "3"), err[-2000:])
     with open(downloads) as f:
       self.assertLen(f.read().split(), 1)
-    for name, text in (("inter", _INTER), ("user", _USER), ("item", _ITEM)):
+    for name, text in _TEXTS.items():
       with open(os.path.join(cache, f"ml-100k.{name}")) as f:
         self.assertEqual(f.read(), text)
     # The wait is for a lock, not the files: once they are there, a fetch
