@@ -179,11 +179,11 @@ class ReadReportJsonTest(tf.test.TestCase):
       convergence.read_report_json(no_runs, "--switching")
 
 
-def _stored_summary(stem):
+def _stored_summary(stem, dataset="movielens"):
   """mode -> `summarize_converge` entry of the stored
-  docs/results/converge_movielens_plateau_<stem>.json."""
+  docs/results/converge_<dataset>_plateau_<stem>.json."""
   with open(os.path.join(testing_utils.ROOT, "docs", "results",
-                         f"converge_movielens_plateau_{stem}.json")) as f:
+                         f"converge_{dataset}_plateau_{stem}.json")) as f:
     rows = json.load(f)["runs"]
   return {e["mode"]: e for e in benchmark.summarize_converge(rows)}
 
@@ -255,6 +255,35 @@ class DecayedShareTest(tf.test.TestCase):
         "note: movielens two_stragglers gba: seeds 10, 11, 12, 13, 14 "
         "decayed or dropped 3.1%, 3.1%, 3.4%, 3.2%, 3.3% of their pushes, "
         "the seeds' median 0.3%")
+
+  def test_the_synthetic_ten_seeds_split_by_host(self):
+    # README "Ten seeds" (synthetic, two stragglers on 4 workers): seeds
+    # 5-9 ran on a faster host. Of 20,000 pushes GBA decayed 74, 42, 26,
+    # 97, 48 in seeds 0-4 and 496, 372, 578, 635, 852 in 5-9; nothing
+    # dropped. The median of the ten falls between the groups, (97 + 372)
+    # / 2 / 20,000 = 1.17%; half of it is under the one-point floor, so a
+    # seed is named off it by more than 0.01: seed 2 (0.13%, 1.04 off)
+    # and 5, 7, 8, 9 (1.3-3.1 off) are; seed 1 (0.21%, 0.96 off) and seed
+    # 6 (1.86%, 0.69 off) are not.
+    summary = _stored_summary("two_stragglers_10_seeds", "synthetic")
+    gba = summary["gba"]
+    self.assertEqual([round(s * 20000) for s in gba["decayed_or_dropped"]],
+                     [74, 42, 26, 97, 48, 496, 372, 578, 635, 852])
+    self._assert_named(
+        gba, [2, 5, 7, 8, 9],
+        "note: synthetic two_stragglers gba: seeds 2, 5, 7, 8, 9 decayed "
+        "or dropped 0.1%, 2.5%, 2.9%, 3.2%, 4.3% of their pushes, the "
+        "seeds' median 1.2%")
+    # The README's figures: GBA - healthy sync -0.0002 [-0.0006, +0.0001]
+    # (it meets the target); async - healthy sync -0.0008 [-0.0015,
+    # -0.0001], ten seeds each.
+    for mode, low, mean, high in [("gba", -0.0006, -0.0002, 0.0001),
+                                  ("async", -0.0015, -0.0008, -0.0001)]:
+      d = summary[mode]["auc_vs_healthy_sync"]
+      self.assertEqual(d["n"], 10)
+      self.assertEqual([round(d[k], 4) for k in ("low", "mean", "high")],
+                       [low, mean, high])
+    self.assertTrue(summary["gba"]["meets_target"])
 
   def test_runs_at_one_staleness_have_no_unlike_seed(self):
     # Two stragglers, GBA's twenty seeds: 375 (seed 5, 4.7%) to 532 of
