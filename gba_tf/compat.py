@@ -316,7 +316,8 @@ def disable_device_autotune() -> None:
   MovieLens job, sync) and 61 s (throughput benchmark, 4 workers + 2 PS)
   after training ended; with this and the input pipeline's own autotuning
   off (`synthetic.with_straggler`), within 0.2 s (README "`fit` can return
-  late"). Idempotent; affects iterators built after the call.
+  late"). `GBAStrategy` calls it when built. Idempotent; affects
+  iterators built after the call.
   """
   create = _multi_device_iterator_ops._create_device_dataset  # pylint: disable=protected-access
   if getattr(create, "gba_tf_no_autotune", False):

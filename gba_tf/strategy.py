@@ -159,6 +159,11 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
       `aggregator.stall_seconds` (30 s) without progress the chief re-issues
       the dead push's ticket or runs its apply (`gba_tf.stall`), and counts
       its gradient in `gba_metrics()["lost"]` if it had been counted.
+    * Building a `GBAStrategy` turns tf.data autotuning off in the
+      per-device datasets TF adds to every distributed iterator in the
+      process (`gba_tf.compat.disable_device_autotune`): with it on, `fit`
+      returned up to a minute after training ended. Your own input
+      pipeline keeps its options (README, "`fit` can return late").
     * Every optimizer called in a local step (e.g. Adagrad for embeddings
       and Adam for the dense tower) joins the same push and applies once
       per global step; a variable updated by two optimizer calls in one
@@ -182,6 +187,10 @@ class GBAStrategy(compat.ParameterServerStrategyV2):
             "pass a ClusterResolver or set TF_CONFIG.")
       cluster_resolver = (
           tf.distribute.cluster_resolver.TFConfigClusterResolver())
+    # Before any input pipeline is built: the chief builds the workers'
+    # per-device datasets, and with autotuning on, `fit` could return tens
+    # of seconds after training ended (`compat.disable_device_autotune`).
+    compat.disable_device_autotune()
     super().__init__(cluster_resolver, variable_partitioner)
     compat.replace_extended(
         self, _GBAStrategyExtended(self, cluster_resolver,

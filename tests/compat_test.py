@@ -11,6 +11,7 @@ import tensorflow as tf
 from tf_keras.src.optimizers import optimizer as keras_optimizer
 
 from gba_tf import compat
+from tests import testing_utils
 
 
 class CompatTest(tf.test.TestCase):
@@ -47,8 +48,7 @@ class CompatTest(tf.test.TestCase):
 
   def test_device_datasets_can_leave_autotune_off(self):
     module = compat._multi_device_iterator_ops  # pylint: disable=protected-access
-    self.addCleanup(setattr, module, "_create_device_dataset",
-                    module._create_device_dataset)  # pylint: disable=protected-access
+    testing_utils.unpatched_device_datasets(self)
 
     def device_autotune():
       strategy = tf.distribute.MirroredStrategy(["/cpu:0"])

@@ -680,6 +680,30 @@ class GBAStrategyKerasTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(strategy.gba_metrics()["pushed"], 120)
 
 
+class GBAStrategyInputTest(tf.test.TestCase):
+
+  def test_workers_device_datasets_do_not_autotune(self):
+    # With autotuning on in these datasets (TF's default), `fit` returned up
+    # to a minute after training ended (README, "`fit` can return late").
+    testing_utils.unpatched_device_datasets(self)
+    strategy = gba_tf.GBAStrategy(testing_utils.shared_cluster().resolver(),
+                                  gba_tf.GBAConfig(global_batch_size=8,
+                                                   local_batch_size=4))
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    dataset = strategy.distribute_datasets_from_function(
+        lambda _: tf.data.Dataset.range(64).batch(4).repeat())
+    iterator = iter(coordinator.create_per_worker_dataset(dataset))
+    for w in range(testing_utils.NUM_WORKERS):
+      # TF 2.21: worker w's distributed iterator -> its single-worker
+      # iterator -> OwnedMultiDeviceIterator -> the per-device iterator,
+      # whose dataset lives on worker w (the chief built it there).
+      device = (iterator._values[w]._get_values()._iterators[0]  # pylint: disable=protected-access
+                ._iterator._device_iterators[0])  # pylint: disable=protected-access
+      with tf.device(f"/job:worker/replica:0/task:{w}/device:CPU:0"):
+        options = device._dataset.options()  # pylint: disable=protected-access
+      self.assertIs(options.autotune.enabled, False)
+
+
 class GBAStrategyArgumentsTest(tf.test.TestCase):
 
   def test_rejects_non_config(self):

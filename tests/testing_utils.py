@@ -13,6 +13,7 @@ import threading
 import time
 
 import gba_tf
+from gba_tf import compat
 from gba_tf.launch import local_cluster
 import tensorflow as tf
 
@@ -77,6 +78,19 @@ def collect_before_switching_cluster() -> None:
   """
   gba_tf.accumulator.stop_all_threads()
   gc.collect()
+
+
+def unpatched_device_datasets(test) -> None:
+  """TF's own per-device dataset builder for the rest of `test`, then back.
+
+  `gba_tf.compat.disable_device_autotune` patches it for the whole process,
+  and every earlier test that built a `GBAStrategy` has called it; a test
+  of the patch itself must start from TF's builder to be able to fail.
+  """
+  module = compat._multi_device_iterator_ops  # pylint: disable=protected-access
+  create = module._create_device_dataset  # pylint: disable=protected-access
+  test.addCleanup(setattr, module, "_create_device_dataset", create)
+  module._create_device_dataset = getattr(create, "__wrapped__", create)  # pylint: disable=protected-access
 
 
 def push_twice(strategy):
