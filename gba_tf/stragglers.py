@@ -17,7 +17,7 @@ Example:
 """
 
 import math
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional, Sequence
 
 
 def parse(spec: str) -> Dict[int, float]:
@@ -64,3 +64,42 @@ def speed_factors(stragglers: Mapping[int, float],
                   num_workers: int) -> list:
   """Each worker's slowdown (1.0 for a healthy one), by index."""
   return [float(stragglers.get(i, 1.0)) for i in range(num_workers)]
+
+
+def measured_slowdowns(pushed: Sequence[int],
+                       stragglers: Mapping[int, float]
+                       ) -> Dict[int, Optional[float]]:
+  """How much slower each named worker really ran, from its push count.
+
+  Every worker trains for the job's whole wall-clock time, so its pushes
+  count its speed: worker i ran `mean(pushes of the workers not named) /
+  pushes_i` times slower (None if it pushed nothing). The emulation sleeps
+  `slowdown * step_ms` per batch on a straggler, but a healthy worker whose
+  real step takes longer than `step_ms` (workers sharing too few cores)
+  runs slower than `step_ms` too, so on a slow host a straggler lags less
+  than its spec says; this is what it did lag.
+
+  Example (worker 1 named at 1/4 speed pushed 100 while the others pushed
+  380, 400 and 420, 400 on average: it ran at 1/4. Named at 1/3 and 1/6,
+  workers 1 and 3 pushed 100 and 160 of the others' 480: they ran at 1/4.8
+  and 1/3):
+
+  >>> measured_slowdowns([380, 100, 400, 420], {1: 4.0})
+  {1: 4.0}
+  >>> measured_slowdowns([480, 100, 480, 160], {1: 3.0, 3: 6.0})
+  {1: 4.8, 3: 3.0}
+  >>> measured_slowdowns([480, 0], {1: 4.0})
+  {1: None}
+
+  Raises:
+    ValueError: one line naming the counts, when no worker is left
+      unnamed to compare with or a named index has no count.
+  """
+  healthy = [n for i, n in enumerate(pushed) if i not in stragglers]
+  if not healthy or any(i >= len(pushed) for i in stragglers):
+    raise ValueError(f"Received: pushed={list(pushed)} with stragglers "
+                     f"{format_spec(stragglers)!r}; need a count for every "
+                     "worker named and at least one worker not named.")
+  base = sum(healthy) / len(healthy)
+  return {i: (base / pushed[i] if pushed[i] else None)
+          for i in sorted(stragglers)}

@@ -211,6 +211,34 @@ class DecayedShareTest(tf.test.TestCase):
     self.assertTrue(table[1].endswith(" -"), table[1])
     self.assertTrue(table[2].endswith(" 0.0%-5.0%"), table[2])
 
+  def test_slowdown_measured_by_pushes_per_seed_by_hand(self):
+    # "straggler" is 1:4 on worker 1. Seed 0: workers 0, 2, 3 pushed 150,
+    # 160, 170 (mean 160) and worker 1 40: 160 / 40 = 4.0. Seed 1: worker
+    # 1 pushed 64 of the others' 160: 2.5, a straggler that lagged less
+    # than its spec. Seed 2, stored before pushes were kept: None. Sync
+    # has no straggler: None. GBA's line gives the range 2.5-4.0.
+    def run(mode, seed, pushed):
+      return {"dataset": "movielens", "mode": mode, "repeat": seed,
+              "condition": "healthy" if mode == "sync" else "straggler",
+              "test_auc": 0.78, "test_logloss": 0.57, "best_auc": None,
+              "samples_per_s": 1000.0, "wall_seconds": 10.0,
+              "curve": _curve([(0, 0.5), (800, 0.77), (1000, 0.78)]),
+              "gba_counters": None, "worker_pushed": pushed}
+    rows = [run("sync", s, None) for s in range(3)] + [
+        run("gba", 0, [150, 40, 160, 170]),
+        run("gba", 1, [160, 64, 160, 160])]
+    rows.append({k: v for k, v in run("gba", 2, None).items()
+                 if k != "worker_pushed"})
+    summary = {e["mode"]: e for e in benchmark.summarize_converge(rows)}
+    self.assertEqual(summary["gba"]["measured_slowdowns"],
+                     [{"1": 4.0}, {"1": 2.5}, None])
+    self.assertEqual(summary["sync"]["measured_slowdowns"],
+                     [None, None, None])
+    table = benchmark.converge_table(list(summary.values())).splitlines()
+    self.assertIn("slowdown measured by pushes: movielens straggler gba: "
+                  "worker 1 2.5-4.0 (spec 4)", table)
+    self.assertLen([l for l in table if l.startswith("slowdown")], 1)
+
   def _assert_named(self, entry, seeds, note):
     """`entry` names `seeds` unlike, and the table's last line starts with
     `note`."""
@@ -458,6 +486,16 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
     self.assertEqual(gba["plateau_gain"],
                      [convergence.plateau_gain(r["curve"]) for r in runs
                       if r["mode"] == "gba"])
+    # Each GBA run kept its pushes per worker, and the summary's measured
+    # slowdown of worker 1 (the "straggler" condition's) is computed from
+    # them: worker 0's pushes over worker 1's.
+    gba_runs = [r for r in runs if r["mode"] == "gba"]
+    for run in gba_runs:
+      self.assertEqual(sum(run["worker_pushed"]),
+                       run["gba_counters"]["pushed"])
+    self.assertEqual(gba["measured_slowdowns"],
+                     [{"1": r["worker_pushed"][0] / r["worker_pushed"][1]}
+                      for r in gba_runs])
     for name in ("converge_tiny_auc.png", "converge_tiny_auc_wallclock.png"):
       with open(os.path.join(out, name), "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", name)

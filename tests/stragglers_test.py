@@ -50,6 +50,25 @@ class ParseTest(tf.test.TestCase):
       self.assertNotIn("\n", str(raised.exception))
 
 
+class MeasuredSlowdownTest(tf.test.TestCase):
+
+  def test_by_hand_and_bad_counts(self):
+    # Workers 0, 2, 3 pushed 90, 100, 110 (mean 100): worker 1's 25 is a
+    # 4x slowdown, worker 1's 50 under "1:3,3:6" with worker 3's 20 and
+    # the others' 90 and 110 (mean 100) are 2x and 5x.
+    self.assertEqual(stragglers.measured_slowdowns([90, 25, 100, 110],
+                                                   {1: 4.0}), {1: 4.0})
+    self.assertEqual(stragglers.measured_slowdowns(
+        [90, 50, 110, 20], stragglers.parse("1:3,3:6")), {1: 2.0, 3: 5.0})
+    self.assertEqual(stragglers.measured_slowdowns([10, 10], {}), {})
+    for pushed, spec in (([10, 10], "0:2,1:2"), ([10, 10], "2:4")):
+      with self.assertRaises(ValueError) as raised:
+        stragglers.measured_slowdowns(pushed, stragglers.parse(spec))
+      self.assertIn(f"Received: pushed={pushed} with stragglers '{spec}'",
+                    str(raised.exception))
+      self.assertNotIn("\n", str(raised.exception))
+
+
 class EmulationTest(tf.test.TestCase):
   """Sleeps only add time, so lower bounds hold however loaded the machine;
   the orderings have a margin of at least 4 x 10 batches x step."""

@@ -554,6 +554,9 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
       # calibration (gba_tf.sim.calibration) reads as each worker's compute.
       "worker_mean_step_seconds": (gba["worker_mean_step_seconds"] if gba
                                    else None),
+      # Pushes per worker: how much slower each straggler really ran
+      # (`stragglers.measured_slowdowns`).
+      "worker_pushed": gba["worker_pushed"] if gba else None,
       # Where the pushes' time went (with --trace_pushes): the calibration's
       # measured phases.
       "push_phases": gba.get("push_phases") if gba else None,
@@ -764,6 +767,10 @@ def summarize_converge(rows):
     gains = [convergence.plateau_gain(r["curve"]) for r in runs]
     repeats = [r["repeat"] for r in runs]
     shares = [convergence.reweighted_share(r) for r in runs]
+    spec = stragglers.parse(CONDITIONS[condition][0])
+    slowdowns = [{str(i): v for i, v in stragglers.measured_slowdowns(
+        r["worker_pushed"], spec).items()}
+                 if spec and r.get("worker_pushed") else None for r in runs]
     summary.append({
         "dataset": dataset, "condition": condition, "mode": mode,
         "seeds": len(runs),
@@ -777,6 +784,10 @@ def summarize_converge(rows):
         "plateaued": sum(g < convergence.PLATEAU_MIN_GAIN for g in gains),
         "decayed_or_dropped": shares,
         "unlike_seeds": convergence.unlike_seeds(dict(zip(repeats, shares))),
+        # Per seed, straggler index -> how much slower it ran than the
+        # others (None: no straggler, or no GBA counters, or a stored run
+        # from before they were kept).
+        "measured_slowdowns": slowdowns,
         "auc_vs_healthy_sync": auc,
         "logloss_vs_healthy_sync": logloss,
         "meets_target": (convergence.meets_target(auc)
@@ -804,6 +815,17 @@ def converge_table(summary) -> str:
                f"the last {convergence.PLATEAU_FRACTION:.0%} of the samples; "
                "decayed/dropped: the seeds' range of pushes the staleness "
                "policy decayed or dropped")
+  for e in summary:
+    slowdowns = [s for s in e.get("measured_slowdowns") or () if s]
+    if slowdowns:
+      spec = stragglers.parse(CONDITIONS[e["condition"]][0])
+      ranges = []
+      for i in sorted(spec):
+        ran = [s[str(i)] for s in slowdowns if s[str(i)] is not None]
+        shown = f"{min(ran):.1f}-{max(ran):.1f}" if ran else "no push"
+        ranges.append(f"worker {i} {shown} (spec {spec[i]:g})")
+      lines.append(f"slowdown measured by pushes: {e['dataset']} "
+                   f"{e['condition']} {e['mode']}: {', '.join(ranges)}")
   for e in summary:
     if e["unlike_seeds"]:
       lines.append(convergence.unlike_note(
