@@ -1113,11 +1113,14 @@ def switching_main(name, cases, seeds, flagfile, resume) -> int:
   print()
   print(switching_table(summary))
   stem = _write_json(name, start, summary, rows)
-  # The convergence plot, one line per path.
-  plot_converge([dict(r, condition="switching", mode=r["path"])
-                 for r in rows], stem)
+  plot_converge(_paths_as_modes(rows), stem)
   print(f"\nwrote {stem}.json, {stem}_auc.png, {stem}_auc_wallclock.png")
   return 0
+
+
+def _paths_as_modes(rows):
+  """A switching run's rows for `plot_converge`: one line per path."""
+  return [dict(r, condition="switching", mode=r["path"]) for r in rows]
 
 
 def replot(path) -> int:
@@ -1139,7 +1142,7 @@ def replot(path) -> int:
   except ValueError as e:
     raise ValueError(f"Received: --replot={path}, which {e}.") from e
   if "path" in rows[0]:
-    rows = [dict(r, condition="switching", mode=r["path"]) for r in rows]
+    rows = _paths_as_modes(rows)
   stem = path[:-len(".json")]
   plot_converge(rows, stem)
   print(f"wrote {stem}_auc.png, {stem}_auc_wallclock.png")
