@@ -17,7 +17,12 @@ Example:
 """
 
 import math
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
+
+
+# A straggler measured at under this share of its spec's slowdown lagged
+# markedly less than the spec says (`milder_than_spec`).
+SPEC_SHARE = 0.8
 
 
 def parse(spec: str) -> Dict[int, float]:
@@ -103,3 +108,21 @@ def measured_slowdowns(pushed: Sequence[int],
   base = sum(healthy) / len(healthy)
   return {i: (base / pushed[i] if pushed[i] else None)
           for i in sorted(stragglers)}
+
+
+def milder_than_spec(measured: Mapping[int, Optional[float]],
+                     stragglers: Mapping[int, float],
+                     share: float = SPEC_SHARE) -> List[int]:
+  """The named workers whose `measured_slowdowns` are under `share` of
+  their spec's: on this host they were not the stragglers the spec names.
+
+  Example (1:4 measured at 2.2 is under 0.8 x 4 = 3.2; 3.8 is not, nor
+  is 5.0 of a 1:6, whose bound is 4.8):
+
+  >>> milder_than_spec({1: 2.2}, {1: 4.0})
+  [1]
+  >>> milder_than_spec({1: 3.8, 3: 5.0}, {1: 4.0, 3: 6.0})
+  []
+  """
+  return sorted(i for i, v in measured.items()
+                if v is not None and v < share * stragglers[i])

@@ -91,6 +91,17 @@ class BenchmarkTinyTest(tf.test.TestCase):
     for entry in summary:
       for key, kind in _SUMMARY_KEYS.items():
         self.assertIsInstance(entry[key], kind, f"{entry['mode']}: {key}")
+    # GBA kept its pushes per worker; the summary's slowdown of worker 1
+    # (the 1:4 straggler) is worker 0's pushes over its own, and the table
+    # prints it. Sync keeps none.
+    self.assertEqual(sum(gba["worker_pushed"]), counters["pushed"])
+    by_mode = {e["mode"]: e for e in summary}
+    self.assertEqual(by_mode["gba"]["measured_slowdowns"],
+                     [{"1": gba["worker_pushed"][0] /
+                       gba["worker_pushed"][1]}])
+    self.assertEqual(by_mode["sync"]["measured_slowdowns"], [None])
+    self.assertIn("slowdown measured by pushes: straggler gba: worker 1 ",
+                  proc.stdout)
     # Ratios come from the runs: each mode's speed over sync's.
     sync = next(e for e in summary if e["mode"] == "sync")
     for entry in summary:

@@ -61,6 +61,11 @@ class MeasuredSlowdownTest(tf.test.TestCase):
     self.assertEqual(stragglers.measured_slowdowns(
         [90, 50, 110, 20], stragglers.parse("1:3,3:6")), {1: 2.0, 3: 5.0})
     self.assertEqual(stragglers.measured_slowdowns([10, 10], {}), {})
+    # Under 0.8 of the spec: 2.0 of a 1:3 (bound 2.4) is, 5.0 of a 1:6
+    # (bound 4.8) is not; a worker that pushed nothing is not judged.
+    self.assertEqual(stragglers.milder_than_spec(
+        {1: 2.0, 3: 5.0}, stragglers.parse("1:3,3:6")), [1])
+    self.assertEqual(stragglers.milder_than_spec({1: None}, {1: 4.0}), [])
     for pushed, spec in (([10, 10], "0:2,1:2"), ([10, 10], "2:4")):
       with self.assertRaises(ValueError) as raised:
         stragglers.measured_slowdowns(pushed, stragglers.parse(spec))
