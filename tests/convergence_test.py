@@ -188,22 +188,29 @@ def _stored_summary(stem, dataset="movielens"):
   return {e["mode"]: e for e in benchmark.summarize_converge(rows)}
 
 
+def _row(mode, seed, **fields):
+  """A --converge run of `mode` (sync: healthy; else with the 1:4
+  straggler) and seed, the same curve in every run, no GBA counters
+  unless `fields` give them."""
+  return {"dataset": "movielens", "mode": mode, "repeat": seed,
+          "condition": "healthy" if mode == "sync" else "straggler",
+          "test_auc": 0.78, "test_logloss": 0.57, "best_auc": None,
+          "samples_per_s": 1000.0, "wall_seconds": 10.0,
+          "curve": _curve([(0, 0.5), (800, 0.77), (1000, 0.78)]),
+          "gba_counters": None, **fields}
+
+
 class DecayedShareTest(tf.test.TestCase):
 
   def test_share_decayed_or_dropped_per_seed_by_hand(self):
     # Seed 0 of GBA: 9 decayed + 1 dropped of 200 pushes = 0.05; seed 1:
     # none of 100 = 0.0. Sync keeps no GBA counters: None, and "-" in the
     # table. The range GBA's row prints: 0.0%-5.0%.
-    def run(mode, seed, counters):
-      return {"dataset": "movielens", "mode": mode, "repeat": seed,
-              "condition": "healthy" if mode == "sync" else "straggler",
-              "test_auc": 0.78, "test_logloss": 0.57, "best_auc": None,
-              "samples_per_s": 1000.0, "wall_seconds": 10.0,
-              "curve": _curve([(0, 0.5), (800, 0.77), (1000, 0.78)]),
-              "gba_counters": counters}
-    rows = [run("sync", 0, None), run("sync", 1, None),
-            run("gba", 0, {"pushed": 200, "decayed": 9, "dropped": 1}),
-            run("gba", 1, {"pushed": 100, "decayed": 0, "dropped": 0})]
+    rows = [_row("sync", 0), _row("sync", 1),
+            _row("gba", 0, gba_counters={"pushed": 200, "decayed": 9,
+                                         "dropped": 1}),
+            _row("gba", 1, gba_counters={"pushed": 100, "decayed": 0,
+                                         "dropped": 0})]
     summary = {e["mode"]: e for e in benchmark.summarize_converge(rows)}
     self.assertEqual(summary["gba"]["decayed_or_dropped"], [0.05, 0.0])
     self.assertEqual(summary["sync"]["decayed_or_dropped"], [None, None])
@@ -218,18 +225,9 @@ class DecayedShareTest(tf.test.TestCase):
     # than its spec. Seed 2, stored before pushes were kept: None. Sync
     # has no straggler: None. GBA's line gives the range 2.5-4.0 and names
     # seed 1, under 0.8 x 4 = 3.2.
-    def run(mode, seed, pushed):
-      return {"dataset": "movielens", "mode": mode, "repeat": seed,
-              "condition": "healthy" if mode == "sync" else "straggler",
-              "test_auc": 0.78, "test_logloss": 0.57, "best_auc": None,
-              "samples_per_s": 1000.0, "wall_seconds": 10.0,
-              "curve": _curve([(0, 0.5), (800, 0.77), (1000, 0.78)]),
-              "gba_counters": None, "worker_pushed": pushed}
-    rows = [run("sync", s, None) for s in range(3)] + [
-        run("gba", 0, [150, 40, 160, 170]),
-        run("gba", 1, [160, 64, 160, 160])]
-    rows.append({k: v for k, v in run("gba", 2, None).items()
-                 if k != "worker_pushed"})
+    rows = [_row("sync", s, worker_pushed=None) for s in range(3)] + [
+        _row("gba", 0, worker_pushed=[150, 40, 160, 170]),
+        _row("gba", 1, worker_pushed=[160, 64, 160, 160]), _row("gba", 2)]
     summary = {e["mode"]: e for e in benchmark.summarize_converge(rows)}
     self.assertEqual(summary["gba"]["measured_slowdowns"],
                      [{"1": 4.0}, {"1": 2.5}, None])
