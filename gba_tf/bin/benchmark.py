@@ -572,10 +572,14 @@ def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
   }
 
 
+def _condition_stragglers(condition):
+  """`condition`'s straggler spec, parsed: worker index -> slowdown."""
+  return stragglers.parse(CONDITIONS[condition][0])
+
+
 def ideal_samples_per_s(config, condition):
   """Sum of the workers' emulated speeds (samples/s)."""
-  straggler, _ = CONDITIONS[condition]
-  factors = stragglers.speed_factors(gba_flags.parse_straggler(straggler),
+  factors = stragglers.speed_factors(_condition_stragglers(condition),
                                      config["num_workers"])
   step_s = config["step_ms"] / 1000.0
   if step_s <= 0:
@@ -589,7 +593,7 @@ def measured_slowdowns(runs, condition):
   slower it ran than the others (`stragglers.measured_slowdowns`); None
   for a run without stragglers or without pushes per worker (sync, or
   stored before they were kept)."""
-  spec = stragglers.parse(CONDITIONS[condition][0])
+  spec = _condition_stragglers(condition)
   return [{str(i): v for i, v in stragglers.measured_slowdowns(
       r["worker_pushed"], spec).items()}
           if spec and r.get("worker_pushed") else None for r in runs]
@@ -603,7 +607,7 @@ def slowdown_line(label, condition, repeats, slowdowns, noun="seed"):
             for r, s in zip(repeats, slowdowns or ()) if s}
   if not by_run:
     return None
-  spec = stragglers.parse(CONDITIONS[condition][0])
+  spec = _condition_stragglers(condition)
   ranges = []
   for i in sorted(spec):
     ran = [s[i] for s in by_run.values() if s[i] is not None]
