@@ -342,6 +342,39 @@ class DecayedShareTest(tf.test.TestCase):
                        [low, mean, high])
       self.assertEqual(summary[mode]["meets_target"], meets)
 
+  def test_two_synthetic_stragglers_at_their_spec(self):
+    # README "Two stragglers at their spec" (--step_ms=50): workers 0 and
+    # 2 pushed about 7,980 each, workers 1 and 3 2,683-2,694 and
+    # 1,346-1,353, e.g. seed 0: (7,979 + 7,992) / 2 / 2,683 = 2.98 and
+    # / 1,346 = 5.93, over 0.8 x 3 = 2.4 and 0.8 x 6 = 4.8: no seed
+    # milder than the spec. GBA decayed 1,329, 1,331, 1,330, 1,331, 1,335
+    # of 20,000 (6.6-6.7%). Healthy sync is the step_ms_50 job's, by
+    # --reference: GBA - healthy sync per seed -0.0004, -0.0007, -0.0015,
+    # -0.0004, +0.0007, mean -0.0005, sd 0.0008, t(4) = 2.776: [-0.0014,
+    # +0.0005], meets the target; async -0.0009, -0.0004, -0.0021,
+    # -0.0012, -0.0005: -0.0010 [-0.0019, -0.0002], below in all 5.
+    summary = _stored_summary("two_stragglers_step_ms_50", "synthetic")
+    gba = summary["gba"]
+    self.assertEqual(
+        [(round(s["1"], 2), round(s["3"], 2))
+         for s in gba["measured_slowdowns"]],
+        [(2.98, 5.93), (2.97, 5.9), (2.97, 5.92), (2.97, 5.92), (2.96, 5.9)])
+    self.assertEqual([round(s * 20000) for s in gba["decayed_or_dropped"]],
+                     [1329, 1331, 1330, 1331, 1335])
+    self.assertEqual(gba["unlike_seeds"], [])
+    table = benchmark.converge_table(list(summary.values())).splitlines()
+    self.assertIn("slowdown measured by pushes: synthetic two_stragglers "
+                  "gba: worker 1 3.0-3.0 (spec 3), worker 3 5.9-5.9 (spec 6)",
+                  table)
+    for mode, low, mean, high, meets in [
+        ("gba", -0.0014, -0.0005, 0.0005, True),
+        ("async", -0.0019, -0.0010, -0.0002, False)]:
+      d = summary[mode]["auc_vs_healthy_sync"]
+      self.assertEqual(d["n"], 5)
+      self.assertEqual([round(d[k], 4) for k in ("low", "mean", "high")],
+                       [low, mean, high])
+      self.assertEqual(summary[mode]["meets_target"], meets)
+
   def test_runs_at_one_staleness_have_no_unlike_seed(self):
     # Two stragglers, GBA's twenty seeds: 375 (seed 5, 4.7%) to 532 of
     # 8,000 (6.6%), median 6.4%; seed 5 is 1.7 points off it, under the
