@@ -76,7 +76,6 @@ class MeasuredSlowdownTest(tf.test.TestCase):
                     str(raised.exception))
       self.assertNotIn("\n", str(raised.exception))
 
-
   def test_the_8_worker_synthetic_job_reaches_its_spec_at_200_ms(self):
     # README "How slow the stragglers really were", 500-step runs of the
     # 8-worker synthetic job with workers 1 and 3 at 1:3,3:6. At

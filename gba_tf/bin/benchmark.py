@@ -125,8 +125,9 @@ CONVERGE = {
     # take longer than these 20 ms on 2 cores, so a 1:4 straggler ran
     # 2.2x slower (docs/results/straggler_speeds_4w.json); --step_ms=50
     # gives 3.8x (straggler_speeds_synthetic_step_ms_50.json), and 3.0x and
-    # 5.9x for 1:3,3:6 (converge_synthetic_plateau_two_stragglers_step_ms_50
-    # .json). Kept at 20 so that the stored runs' commands stay this job's.
+    # 5.9x for 1:3,3:6
+    # (converge_synthetic_plateau_two_stragglers_step_ms_50.json). Kept at
+    # 20 so that the stored runs' commands stay this job's.
     "synthetic": ["--dataset=synthetic", "--model=dcn",
                   "--vocab_per_field=100", "--train_examples=1000000",
                   "--train_steps=5000", "--steps_per_loop=250",
