@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -659,6 +660,64 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
         proc.stderr.strip().splitlines()[-1])
     with open(os.path.join(broken, "converge_tiny.json")) as f:
       self.assertEqual(f.read(), "{")
+
+
+  def test_a_stopped_command_keeps_each_job_it_finished(self):
+    # A long --converge command stopped for time (SIGTERM) in the middle of
+    # a seed keeps every job it finished, not only whole seeds: here the
+    # only seed's healthy sync ran, GBA was training when the command was
+    # stopped. Without the save after each job there is no JSON at all.
+    out = testing_utils.temp_dir(self, "gba_converge_stop_")
+    command = [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                            "benchmark.py"),
+               "--converge", "--tiny", "--repeats=1", f"--out_dir={out}"]
+    proc = subprocess.Popen(command, cwd=testing_utils.ROOT,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    self.addCleanup(proc.kill)
+    gba_log = os.path.join(out, "converge_tiny_logs",
+                           "synthetic-straggler-gba-r0.log")
+
+    def gba_model_dir():
+      # The chief's first line names its model directory once GBA trains.
+      try:
+        with open(gba_log) as f:
+          for line in f:
+            if line.startswith("[chief:0] [job] mode=gba"):
+              return line.split("model_dir=")[1].split()[0]
+      except OSError:
+        pass
+      return None
+
+    testing_utils.wait_while(lambda: gba_model_dir() is None
+                             and proc.poll() is None, seconds=300)
+    model_dir = gba_model_dir()
+    self.assertIsNotNone(model_dir, f"GBA never started; exit {proc.poll()}")
+    # A stopped job keeps its directory for the post-mortem.
+    self.addCleanup(shutil.rmtree, model_dir, ignore_errors=True)
+    proc.terminate()
+    # 128 + SIGTERM: the launcher's handler ran and stopped GBA's tasks.
+    self.assertEqual(proc.wait(timeout=120), 143)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                        text=True, check=True).stdout
+    self.assertNotIn(f"--model_dir={model_dir}", ps)
+    path = os.path.join(out, "converge_tiny.json")
+    with open(path) as f:
+      stopped = json.load(f)
+    self.assertEqual([(r["mode"], r["repeat"]) for r in stopped["runs"]],
+                     [("sync", 0)])
+    self.assertEqual(stopped["partial_seeds"], 0)
+    # --resume runs GBA only and keeps sync's run as it was.
+    proc = _benchmark(out, "--resume", "--repeats=1")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("1 runs kept", proc.stdout)
+    self.assertEqual(proc.stdout.count("test AUC"), 1, proc.stdout)
+    with open(path) as f:
+      finished = json.load(f)
+    self.assertNotIn("partial_seeds", finished)
+    self.assertEqual(finished["runs"][0], stopped["runs"][0])
+    self.assertEqual([(r["mode"], r["repeat"]) for r in finished["runs"]],
+                     [("sync", 0), ("gba", 0)])
 
 
 def _benchmark(out, *args, converge=True):

@@ -967,14 +967,19 @@ def converge_main(name, cases, seeds, flagfile, resume) -> int:
                      tag=f"{dataset}-")
       row["dataset"] = dataset
       rows.append(row)
+      # Saved as each job ends, before it is reported: a command stopped
+      # for time or by a failure keeps every job it finished (--resume
+      # runs only the jobs its JSON lacks), not only its whole seeds; a
+      # seed of the 8-worker job at --step_ms=200 takes about an hour.
+      _write_json(name, start, summarize_converge(rows), rows,
+                  partial_seeds=seed, **reference)
       print(f"[{len(rows)}/{total}] {dataset:9} {condition:14} {mode:17} "
             f"seed {seed}: test AUC {row['test_auc']:.4f}, plateau gain "
             f"{convergence.plateau_gain(row['curve']):+.4f}, "
             f"{row['wall_seconds']:5.1f} s wall "
             f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
     if seed + 1 < seeds:
-      # A long run that dies keeps the runs done so far (--resume runs the
-      # rest).
+      # This seed is whole (its jobs ran or were kept).
       _write_json(name, start, summarize_converge(rows), rows,
                   partial_seeds=seed + 1, **reference)
   summary = summarize_converge(rows)
