@@ -661,17 +661,14 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
     with open(os.path.join(broken, "converge_tiny.json")) as f:
       self.assertEqual(f.read(), "{")
 
-
   def test_a_stopped_command_keeps_each_job_it_finished(self):
     # A long --converge command stopped for time (SIGTERM) in the middle of
     # a seed keeps every job it finished, not only whole seeds: here the
     # only seed's healthy sync ran, GBA was training when the command was
     # stopped. Without the save after each job there is no JSON at all.
     out = testing_utils.temp_dir(self, "gba_converge_stop_")
-    command = [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
-                                            "benchmark.py"),
-               "--converge", "--tiny", "--repeats=1", f"--out_dir={out}"]
-    proc = subprocess.Popen(command, cwd=testing_utils.ROOT,
+    proc = subprocess.Popen(_command(out, "--repeats=1"),
+                            cwd=testing_utils.ROOT,
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     self.addCleanup(proc.kill)
@@ -720,16 +717,20 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
                      [("sync", 0), ("gba", 0)])
 
 
+def _command(out, *args, converge=True):
+  """The command line of `gba-benchmark --converge --tiny` (without
+  --converge: `--tiny`) writing to `out`."""
+  return [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                       "benchmark.py"),
+          *(["--converge"] if converge else []), "--tiny", f"--out_dir={out}",
+          *args]
+
+
 def _benchmark(out, *args, converge=True):
-  """`gba-benchmark --converge --tiny` (without --converge: `--tiny`)
-  writing to `out`."""
+  """`_command(out, *args, converge=converge)` run to its end."""
   return subprocess.run(
-      [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
-                                    "benchmark.py"),
-       *(["--converge"] if converge else []), "--tiny", f"--out_dir={out}",
-       *args],
-      cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=600,
-      check=False)
+      _command(out, *args, converge=converge), cwd=testing_utils.ROOT,
+      capture_output=True, text=True, timeout=600, check=False)
 
 
 class ResumedRowsTest(tf.test.TestCase):

@@ -948,8 +948,9 @@ def converge_args(cases, row, flagfile):
 def converge_main(name, cases, seeds, flagfile, resume) -> int:
   log_dir = _log_dir(name)
   rows, _, spent = resume
-  # Runs --resume kept: their (case, seed) is not run again.
-  kept = {_run_key(r) for r in rows}
+  # Runs the JSON holds (kept by --resume, or run here): their (case, seed)
+  # is not run again, and a seed whose cases all are is whole.
+  stored = {_run_key(r) for r in rows}
   total = len(cases) * seeds
   print(f"{name}: {len(cases)} cases x {seeds} seeds = {total} jobs "
         f"({len(rows)} kept); logs in {log_dir}", flush=True)
@@ -959,7 +960,7 @@ def converge_main(name, cases, seeds, flagfile, resume) -> int:
   # Seed-major: drift in the machine's speed spreads over every case.
   for seed in range(seeds):
     for dataset, condition, mode, args, job in cases:
-      if (dataset, condition, mode, seed) in kept:
+      if (dataset, condition, mode, seed) in stored:
         continue
       # The dataset's job before this command's own flags, which can change
       # it (e.g. --train_steps); the mode's flags last.
@@ -967,21 +968,19 @@ def converge_main(name, cases, seeds, flagfile, resume) -> int:
                      tag=f"{dataset}-")
       row["dataset"] = dataset
       rows.append(row)
+      stored.add(_run_key(row))
+      whole = all((d, c, m, seed) in stored for d, c, m, _, _ in cases)
       # Saved as each job ends, before it is reported: a command stopped
       # for time or by a failure keeps every job it finished (--resume
       # runs only the jobs its JSON lacks), not only its whole seeds; a
       # seed of the 8-worker job at --step_ms=200 takes about an hour.
       _write_json(name, start, summarize_converge(rows), rows,
-                  partial_seeds=seed, **reference)
+                  partial_seeds=seed + whole, **reference)
       print(f"[{len(rows)}/{total}] {dataset:9} {condition:14} {mode:17} "
             f"seed {seed}: test AUC {row['test_auc']:.4f}, plateau gain "
             f"{convergence.plateau_gain(row['curve']):+.4f}, "
             f"{row['wall_seconds']:5.1f} s wall "
             f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
-    if seed + 1 < seeds:
-      # This seed is whole (its jobs ran or were kept).
-      _write_json(name, start, summarize_converge(rows), rows,
-                  partial_seeds=seed + 1, **reference)
   summary = summarize_converge(rows)
   print()
   print(converge_table(summary))
