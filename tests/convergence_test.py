@@ -3,7 +3,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -667,37 +666,10 @@ class ConvergeBenchmarkTest(tf.test.TestCase):
     # only seed's healthy sync ran, GBA was training when the command was
     # stopped. Without the save after each job there is no JSON at all.
     out = testing_utils.temp_dir(self, "gba_converge_stop_")
-    proc = subprocess.Popen(_command(out, "--repeats=1"),
-                            cwd=testing_utils.ROOT,
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    self.addCleanup(proc.kill)
-    gba_log = os.path.join(out, "converge_tiny_logs",
-                           "synthetic-straggler-gba-r0.log")
-
-    def gba_model_dir():
-      # The chief's first line names its model directory once GBA trains.
-      try:
-        with open(gba_log) as f:
-          for line in f:
-            if line.startswith("[chief:0] [job] mode=gba"):
-              return line.split("model_dir=")[1].split()[0]
-      except OSError:
-        pass
-      return None
-
-    testing_utils.wait_while(lambda: gba_model_dir() is None
-                             and proc.poll() is None, seconds=300)
-    model_dir = gba_model_dir()
-    self.assertIsNotNone(model_dir, f"GBA never started; exit {proc.poll()}")
-    # A stopped job keeps its directory for the post-mortem.
-    self.addCleanup(shutil.rmtree, model_dir, ignore_errors=True)
-    proc.terminate()
-    # 128 + SIGTERM: the launcher's handler ran and stopped GBA's tasks.
-    self.assertEqual(proc.wait(timeout=120), 143)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True,
-                        text=True, check=True).stdout
-    self.assertNotIn(f"--model_dir={model_dir}", ps)
+    testing_utils.stop_benchmark_in_job(
+        self, _command(out, "--repeats=1"),
+        os.path.join(out, "converge_tiny_logs",
+                     "synthetic-straggler-gba-r0.log"))
     path = os.path.join(out, "converge_tiny.json")
     with open(path) as f:
       stopped = json.load(f)
@@ -734,7 +706,7 @@ def _benchmark(out, *args, converge=True):
 
 
 class ResumedRowsTest(tf.test.TestCase):
-  """`benchmark.resumed_rows`: which stored seeds --resume keeps."""
+  """`benchmark.resumed_rows`: which stored runs --resume keeps."""
 
   def _report(self, seeds, partial=None, flagfile="/a/configs/b.cfg"):
     runs = [{"mode": m, "repeat": r,
@@ -751,41 +723,30 @@ class ResumedRowsTest(tf.test.TestCase):
     return ["--flagfile=/b/configs/b.cfg", f"--mode={row['mode']}",
             f"--seed={row['repeat']}"]
 
-  def test_keeps_complete_seeds_only(self):
-    # A run stopped in its third seed: 2 complete, the third's sync run
-    # stored only in memory, not counted.
+  def test_keeps_every_stored_run(self):
+    # A run stopped in its third seed after its sync run (partial_seeds 2)
+    # keeps all 5 runs it stored, the unfinished seed's sync too: the
+    # command runs only the (case, seed) runs the JSON lacks.
     report = self._report(3, partial=2)
-    rows, first = benchmark.resumed_rows(report, 5, self._expected)
-    self.assertEqual(first, 2)
-    self.assertEqual(sorted({r["repeat"] for r in rows}), [0, 1])
-    self.assertLen(rows, 4)
-    # A finished run of 3 seeds resumed to 2: nothing left to run.
-    rows, first = benchmark.resumed_rows(self._report(3), 2, self._expected)
-    self.assertEqual((len(rows), first), (4, 2))
-    # Another checkout's flagfile of the same name is the same job.
-    rows, first = benchmark.resumed_rows(self._report(3), 5, self._expected)
-    self.assertEqual((len(rows), first), (6, 3))
-
-  def test_converge_keeps_every_stored_run(self):
-    # --converge (whole_seeds=False): a run stopped after 2 of 3 seeds
-    # keeps all 6 runs it stored, even those of the unfinished seed's
-    # cases, and starts again at seed 0 (skipping what it holds).
-    report = self._report(3, partial=2)
-    rows, first = benchmark.resumed_rows(report, 5, self._expected,
-                                         whole_seeds=False)
-    self.assertEqual((len(rows), first), (6, 0))
+    report["runs"].pop()
+    rows = benchmark.resumed_rows(report, 5, self._expected)
+    self.assertEqual([(r["mode"], r["repeat"]) for r in rows],
+                     [("sync", 0), ("gba", 0), ("sync", 1), ("gba", 1),
+                      ("sync", 2)])
     # Resumed to 2 seeds: the runs of seed 2 are not this command's.
-    rows, first = benchmark.resumed_rows(report, 2, self._expected,
-                                         whole_seeds=False)
+    rows = benchmark.resumed_rows(report, 2, self._expected)
     self.assertEqual(sorted((r["mode"], r["repeat"]) for r in rows),
                      [("gba", 0), ("gba", 1), ("sync", 0), ("sync", 1)])
+    # Another checkout's flagfile of the same name is the same job.
+    self.assertLen(benchmark.resumed_rows(self._report(3), 5,
+                                          self._expected), 6)
     # A stored case this command does not run: one line naming it.
     def without_gba(row):
       return None if row["mode"] == "gba" else self._expected(row)
     with self.assertRaisesRegex(
         ValueError, r"Received: --resume with converge.json, which holds a "
         r"run \(gba, seed 0\) this command does not run"):
-      benchmark.resumed_rows(report, 5, without_gba, whole_seeds=False)
+      benchmark.resumed_rows(report, 5, without_gba)
 
   def test_other_job_arguments_are_one_line(self):
     def expected(row):

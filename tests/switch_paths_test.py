@@ -88,12 +88,9 @@ class SwitchingBenchmarkTest(tf.test.TestCase):
 
   def test_switching_tiny_resumes_every_leg_and_pairs_with_sync(self):
     out = testing_utils.temp_dir(self, "gba_switching_test_")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
-                                      "benchmark.py"),
-         "--switching", "--tiny", f"--out_dir={out}"],
-        cwd=testing_utils.ROOT, capture_output=True, text=True, timeout=600,
-        check=False)
+    proc = subprocess.run(_command(out), cwd=testing_utils.ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          check=False)
     self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] +
                      proc.stderr[-3000:])
     with open(os.path.join(out, "switching_tiny.json")) as f:
@@ -146,6 +143,36 @@ class SwitchingBenchmarkTest(tf.test.TestCase):
       with open(os.path.join(out, name), "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", name)
 
+  def test_a_stopped_command_keeps_each_path_it_finished(self):
+    # A --switching command stopped (SIGTERM) while its gba path trains
+    # keeps the sync path it finished; --resume runs only the gba and async
+    # paths. Without the save after each path there is no JSON at all.
+    out = testing_utils.temp_dir(self, "gba_switching_stop_")
+    testing_utils.stop_benchmark_in_job(
+        self, _command(out),
+        os.path.join(out, "switching_tiny_logs", "synthetic-gba-r0.log"))
+    path = os.path.join(out, "switching_tiny.json")
+    with open(path) as f:
+      stopped = json.load(f)
+    self.assertEqual([(r["path"], r["repeat"]) for r in stopped["runs"]],
+                     [("sync", 0)])
+    self.assertEqual(stopped["partial_seeds"], 0)
+    # --resume runs gba and async only and keeps sync's path as it was.
+    proc = subprocess.run(_command(out, "--resume"), cwd=testing_utils.ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("1 runs kept", proc.stdout)
+    self.assertEqual(proc.stdout.count("test AUC"), 2, proc.stdout)
+    with open(path) as f:
+      finished = json.load(f)
+    self.assertNotIn("partial_seeds", finished)
+    self.assertEqual(finished["runs"][0], stopped["runs"][0])
+    self.assertEqual([(r["path"], r["repeat"]) for r in finished["runs"]],
+                     [("sync", 0), ("gba", 0), ("async", 0)])
+    self.assertEqual([p["mode"] for p in finished["runs"][1]["phases"]],
+                     ["sync", "gba", "sync"])
+
   def test_bad_paths_are_one_line(self):
     out = testing_utils.temp_dir(self, "gba_switching_bad_")
     cases = [
@@ -177,6 +204,14 @@ class SwitchingBenchmarkTest(tf.test.TestCase):
       self.assertRegex(lines[2 * k], "error: " + pattern)
       self.assertEqual(lines[2 * k + 1], "exit 2")
     self.assertEqual(os.listdir(out), [], "no run was started")
+
+
+def _command(out, *args):
+  """The command line of `gba-benchmark --switching --tiny` writing to
+  `out`."""
+  return [sys.executable, os.path.join(testing_utils.ROOT, "scripts",
+                                       "benchmark.py"),
+          "--switching", "--tiny", f"--out_dir={out}", *args]
 
 
 if __name__ == "__main__":

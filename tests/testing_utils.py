@@ -160,6 +160,40 @@ def wait_while(condition, seconds: float = 30.0) -> None:
     time.sleep(0.2)
 
 
+def stop_benchmark_in_job(test, command, log_path: str) -> str:
+  """Runs the benchmark `command` and stops it (SIGTERM) once the job whose
+  log is `log_path` trains: once its chief logs its model directory.
+  Asserts that the command exits 143 (128 + SIGTERM: its handler ran and
+  stopped the job's tasks) and that no process holds that directory, which
+  it returns (removed when `test` ends; a stopped job keeps it for the
+  post-mortem)."""
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  test.addCleanup(proc.kill)
+
+  def model_dir():
+    try:
+      with open(log_path) as f:
+        for line in f:
+          if line.startswith("[chief:0] [job] mode="):
+            return line.split("model_dir=")[1].split()[0]
+    except OSError:
+      pass
+    return None
+
+  wait_while(lambda: model_dir() is None and proc.poll() is None,
+             seconds=300)
+  found = model_dir()
+  test.assertIsNotNone(found, f"the job never started; exit {proc.poll()}")
+  test.addCleanup(shutil.rmtree, found, ignore_errors=True)
+  proc.terminate()
+  test.assertEqual(proc.wait(timeout=120), 143)
+  ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True,
+                      check=True).stdout
+  test.assertNotIn(f"--model_dir={found}", ps)
+  return found
+
+
 def is_live_process(pid: int, named: str) -> bool:
   """Whether `pid` is a live (not zombie) process whose command line holds
   `named` (a task's model dir, a server's module): guards against PID reuse.

@@ -197,9 +197,9 @@ def define_flags():
       "resume", False, "--converge / --switching: keep the runs of "
       "<out_dir>/<name>.json, written with the same job arguments, and run "
       "only what it lacks (a long run stopped for time or by a failure goes "
-      "on where it stopped). --converge keeps every stored run of a case "
-      "this command runs, so that more modes or seeds can be added to a "
-      "finished run; --switching keeps whole seeds.")
+      "on where it stopped, losing only the job it was in). It keeps every "
+      "stored run of a case or path this command runs, so that more modes, "
+      "paths or seeds can be added to a finished run.")
   flags.DEFINE_string(
       "replot", None, "Redraw the two PNGs of this stored --converge or "
       "--switching JSON beside it with this version's plots (e.g. "
@@ -371,50 +371,28 @@ def _job(args):
           if a.startswith("--flagfile=") else a for a in args]
 
 
-def _complete_seeds(report) -> int:
-  """Seeds a --converge / --switching JSON holds whole: `partial_seeds` of a
-  run that stopped, every seed of one that finished."""
-  done = report.get("partial_seeds")
-  if done is None:
-    done = 1 + max((r["repeat"] for r in report["runs"]), default=-1)
-  return done
-
-
-def resumed_rows(report, seeds, expected_args, whole_seeds=True,
-                 flag="--resume"):
-  """The rows of `report` (a --converge / --switching JSON) to keep, and
-  the first seed left to run.
-
-  With `whole_seeds` (--switching, whose auto path depends on the gba path
-  of its seed), keeps the seeds the report holds whole (`partial_seeds` of
-  a run that stopped, every seed of one that finished), up to `seeds`.
-  Without it (--converge, whose runs are independent jobs), keeps every
-  stored run of a seed below `seeds`, and the first seed left is 0: the
-  command runs only the (case, seed) runs the JSON lacks, so that a mode
-  or a seed can be added to a finished run. Raises ValueError naming the
-  first kept run whose job arguments differ from `expected_args(row)`,
-  this command's for the same case and seed (None: a case this command
-  does not run), since pairing seeds of two different jobs would mean
-  nothing; the message names `flag`, the option that read `report`.
+def resumed_rows(report, seeds, expected_args, flag="--resume"):
+  """The rows of `report` (a --converge / --switching JSON) to keep: every
+  stored run of a seed below `seeds`. The command then runs only the
+  (case, seed) runs the JSON lacks, so that a stopped command loses only the
+  job it was in, and a mode, path or seed can be added to a finished run.
+  Raises ValueError naming the first kept run whose job arguments differ
+  from `expected_args(row)`, this command's for the same case and seed
+  (None: a case this command does not run), since pairing seeds of two
+  different jobs would mean nothing; the message names `flag`, the option
+  that read `report`.
 
   Example:
 
   >>> row = {"mode": "sync", "repeat": 0, "args": ["--seed=0"]}
   >>> later = dict(row, repeat=1, args=["--seed=1"])
-  >>> report = {"partial_seeds": 1, "runs": [row, later]}
-  >>> rows, first = resumed_rows(report, 5, lambda r: r["args"])
-  >>> [r["repeat"] for r in rows], first
-  ([0], 1)
-  >>> rows, first = resumed_rows(report, 5, lambda r: r["args"],
-  ...                            whole_seeds=False)
-  >>> [r["repeat"] for r in rows], first
-  ([0, 1], 0)
+  >>> report = {"runs": [row, later]}
+  >>> [r["repeat"] for r in resumed_rows(report, 5, lambda r: r["args"])]
+  [0, 1]
+  >>> [r["repeat"] for r in resumed_rows(report, 1, lambda r: r["args"])]
+  [0]
   """
-  if whole_seeds:
-    done = min(_complete_seeds(report), seeds)
-  else:
-    done = seeds
-  rows = [r for r in report["runs"] if r["repeat"] < done]
+  rows = [r for r in report["runs"] if r["repeat"] < seeds]
   for row in rows:
     expected = expected_args(row)
     if expected is None:
@@ -433,27 +411,25 @@ def resumed_rows(report, seeds, expected_args, whole_seeds=True,
           f"{row['repeat']} ran other job arguments (differing: "
           f"{' '.join(diff)}); run it without {flag}, or with its command: "
           f"{report['command']}")
-  return rows, (done if whole_seeds else 0)
+  return rows
 
 
-def _resume(name, seeds, expected_args, whole_seeds):
-  """(rows, first seed, seconds already spent) of --resume; nothing to keep
-  without it. Raises ValueError naming a missing JSON or another job's."""
+def _resume(name, seeds, expected_args):
+  """(rows, seconds already spent) of --resume; nothing to keep without it.
+  Raises ValueError naming a missing JSON or another job's."""
   if not FLAGS.resume:
-    return [], 0, 0.0
+    return [], 0.0
   path = os.path.join(FLAGS.out_dir, f"{name}.json")
   kind = "--converge" if FLAGS.converge else "--switching"
   try:
     report = convergence.read_report_json(path, kind)
   except ValueError as e:
     raise ValueError(f"Received: --resume, and {path} {e}.") from e
-  rows, first = resumed_rows(report, seeds, expected_args, whole_seeds)
-  print(f"resuming {path}: {len(rows)} runs kept"
-        + (f" ({first} complete seeds)" if whole_seeds else ""), flush=True)
+  rows = resumed_rows(report, seeds, expected_args)
+  print(f"resuming {path}: {len(rows)} runs kept", flush=True)
   # The time those runs took, so that the JSON's seconds stay the whole
   # run's.
-  return rows, first, report["seconds"] * len(rows) / max(
-      len(report["runs"]), 1)
+  return rows, report["seconds"] * len(rows) / max(len(report["runs"]), 1)
 
 
 def _run_key(row):
@@ -493,14 +469,14 @@ def reference_rows(report, seeds, expected_args, kept=(), source=""):
         f"Received: --reference with {report['name']}.json, which holds no "
         f"healthy sync run of this command's datasets and seeds 0-{seeds - 1}"
         f". Its command: {report['command']}")
-  rows, _ = resumed_rows(dict(report, runs=runs), seeds, expected_args,
-                         whole_seeds=False, flag="--reference")
+  rows = resumed_rows(dict(report, runs=runs), seeds, expected_args,
+                      flag="--reference")
   kept = set(kept)
   return [dict(r, reference=source) for r in rows if _run_key(r) not in kept]
 
 
 def _reference(resume, seeds, expected_args):
-  """`resume` ((rows, first seed, seconds spent)) with --reference's rows
+  """`resume` ((rows, seconds spent)) with --reference's rows
   added and their wall seconds counted; `resume` itself without it. Raises
   ValueError naming a missing JSON or another job's."""
   if not FLAGS.reference:
@@ -510,13 +486,13 @@ def _reference(resume, seeds, expected_args):
     report = convergence.read_report_json(path)
   except ValueError as e:
     raise ValueError(f"Received: --reference={path}, which {e}.") from e
-  rows, first, spent = resume
+  rows, spent = resume
   added = reference_rows(report, seeds, expected_args,
                          {_run_key(r) for r in rows},
                          source=os.path.basename(path))
   print(f"reference {path}: {len(added)} healthy sync runs taken",
         flush=True)
-  return rows + added, first, spent + sum(r["wall_seconds"] for r in added)
+  return rows + added, spent + sum(r["wall_seconds"] for r in added)
 
 
 def run_case(condition, mode, args, extra, repeat, log_dir, flagfile,
@@ -947,7 +923,7 @@ def converge_args(cases, row, flagfile):
 
 def converge_main(name, cases, seeds, flagfile, resume) -> int:
   log_dir = _log_dir(name)
-  rows, _, spent = resume
+  rows, spent = resume
   # Runs the JSON holds (kept by --resume, or run here): their (case, seed)
   # is not run again, and a seed whose cases all are is whole.
   stored = {_run_key(r) for r in rows}
@@ -1131,31 +1107,52 @@ def path_args(cases, row, flagfile):
   return None
 
 
+def _gba_first_two(rows, dataset, seed):
+  """Seconds the gba path of `dataset` and `seed` in `rows` took for its
+  first two legs (sync, then GBA with the straggler): how long the auto
+  path's straggler lasts. 0.0 (none) if it has not run.
+
+  Example:
+
+  >>> gba = {"dataset": "d", "path": "gba", "repeat": 1,
+  ...        "leg_wall_seconds": [30.0, 45.0, 20.0]}
+  >>> _gba_first_two([gba], "d", 1), _gba_first_two([gba], "d", 0)
+  (75.0, 0.0)
+  """
+  for r in rows:
+    if (r["dataset"], r["path"], r["repeat"]) == (dataset, "gba", seed):
+      return sum(r["leg_wall_seconds"][:2])
+  return 0.0
+
+
 def switching_main(name, cases, seeds, flagfile, resume) -> int:
   log_dir = _log_dir(name)
-  rows, first, spent = resume
+  rows, spent = resume
+  # Paths the JSON holds (kept by --resume, or run here) are not run again.
+  stored = {(r["dataset"], r["path"], r["repeat"]) for r in rows}
   total = len(cases) * seeds
   print(f"{name}: {len(cases)} paths x {seeds} seeds = {total} jobs "
         f"({len(rows)} kept); logs in {log_dir}", flush=True)
   start = time.perf_counter() - spent
-  for seed in range(first, seeds):
-    # auto's straggler lasts as long as this seed's gba path took to finish
-    # its first two legs (sync, then GBA with the straggler).
-    first_two = {}
+  for seed in range(seeds):
     for dataset, path, args in cases:
+      if (dataset, path, seed) in stored:
+        continue
+      # gba runs before auto in every seed (_switching_plan), stored or
+      # here, so auto's straggler always has its seed's gba timing.
       row = run_path(dataset, path, args, seed, log_dir, flagfile,
-                     straggler_seconds=first_two.get(dataset, 0.0))
-      if path == "gba":
-        first_two[dataset] = sum(row["leg_wall_seconds"][:2])
+                     straggler_seconds=_gba_first_two(rows, dataset, seed))
       rows.append(row)
+      stored.add((dataset, path, seed))
+      whole = all((d, p, seed) in stored for d, p, _ in cases)
+      # Saved as each path ends, as --converge saves each job: a command
+      # stopped for time or by a failure loses only the path it was in.
+      _write_json(name, start, summarize_switching(rows), rows,
+                  partial_seeds=seed + whole)
       print(f"[{len(rows)}/{total}] {dataset:9} {path:6} seed {seed}: test "
             f"AUC {row['test_auc']:.4f}, {row['wall_seconds']:5.1f} s wall, "
             f"{len(row['switches'])} switches "
             f"({time.perf_counter() - start:5.0f} s elapsed)", flush=True)
-    if seed + 1 < seeds:
-      # A long run that dies keeps its complete seeds.
-      _write_json(name, start, summarize_switching(rows), rows,
-                  partial_seeds=seed + 1)
   summary = summarize_switching(rows)
   print()
   print(switching_table(summary))
@@ -1217,8 +1214,7 @@ def main(argv):
       expected = converge_args if FLAGS.converge else path_args
       def expected_args(row):
         return expected(cases, row, flagfile)
-      resume = _resume(name, seeds, expected_args,
-                       whole_seeds=FLAGS.switching)
+      resume = _resume(name, seeds, expected_args)
       if FLAGS.converge:
         resume = _reference(resume, seeds, expected_args)
   except ValueError as e:
