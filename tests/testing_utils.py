@@ -194,6 +194,32 @@ def stop_benchmark_in_job(test, command, log_path: str) -> str:
   return found
 
 
+def stop_then_resume(test, command, log_path: str, json_path: str, key: str):
+  """`stop_benchmark_in_job`, then `command --resume` run to its end.
+
+  Asserts that the stopped command's JSON (`json_path`) holds only the
+  (`key`, seed) run ("sync", 0), its first, with `partial_seeds` 0, and
+  that the resumed command exits 0 keeping it ("1 runs kept") unchanged
+  and writes a finished JSON (no `partial_seeds`). Returns (the resumed
+  command's stdout, the finished JSON's (`key`, seed) runs)."""
+  stop_benchmark_in_job(test, command, log_path)
+  with open(json_path) as f:
+    stopped = json.load(f)
+  test.assertEqual([(r[key], r["repeat"]) for r in stopped["runs"]],
+                   [("sync", 0)])
+  test.assertEqual(stopped["partial_seeds"], 0)
+  proc = subprocess.run(list(command) + ["--resume"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+  test.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+  test.assertIn("1 runs kept", proc.stdout)
+  with open(json_path) as f:
+    finished = json.load(f)
+  test.assertNotIn("partial_seeds", finished)
+  test.assertEqual(finished["runs"][0], stopped["runs"][0])
+  return proc.stdout, finished["runs"]
+
+
 def is_live_process(pid: int, named: str) -> bool:
   """Whether `pid` is a live (not zombie) process whose command line holds
   `named` (a task's model dir, a server's module): guards against PID reuse.
