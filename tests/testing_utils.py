@@ -201,7 +201,7 @@ def stop_then_resume(test, command, log_path: str, json_path: str, key: str):
   (`key`, seed) run ("sync", 0), its first, with `partial_seeds` 0, and
   that the resumed command exits 0 keeping it ("1 runs kept") unchanged
   and writes a finished JSON (no `partial_seeds`). Returns (the resumed
-  command's stdout, the finished JSON's (`key`, seed) runs)."""
+  command's stdout, the finished JSON's runs)."""
   stop_benchmark_in_job(test, command, log_path)
   with open(json_path) as f:
     stopped = json.load(f)
