@@ -1107,6 +1107,12 @@ def path_args(cases, row, flagfile):
   return None
 
 
+def _path_key(row):
+  """A --switching run's (dataset, path, seed): what --resume matches stored
+  runs by (`_run_key`'s twin)."""
+  return row["dataset"], row["path"], row["repeat"]
+
+
 def _gba_first_two(rows, dataset, seed):
   """Seconds the gba path of `dataset` and `seed` in `rows` took for its
   first two legs (sync, then GBA with the straggler): how long the auto
@@ -1120,7 +1126,7 @@ def _gba_first_two(rows, dataset, seed):
   (75.0, 0.0)
   """
   for r in rows:
-    if (r["dataset"], r["path"], r["repeat"]) == (dataset, "gba", seed):
+    if _path_key(r) == (dataset, "gba", seed):
       return sum(r["leg_wall_seconds"][:2])
   return 0.0
 
@@ -1129,7 +1135,7 @@ def switching_main(name, cases, seeds, flagfile, resume) -> int:
   log_dir = _log_dir(name)
   rows, spent = resume
   # Paths the JSON holds (kept by --resume, or run here) are not run again.
-  stored = {(r["dataset"], r["path"], r["repeat"]) for r in rows}
+  stored = {_path_key(r) for r in rows}
   total = len(cases) * seeds
   print(f"{name}: {len(cases)} paths x {seeds} seeds = {total} jobs "
         f"({len(rows)} kept); logs in {log_dir}", flush=True)
@@ -1143,7 +1149,7 @@ def switching_main(name, cases, seeds, flagfile, resume) -> int:
       row = run_path(dataset, path, args, seed, log_dir, flagfile,
                      straggler_seconds=_gba_first_two(rows, dataset, seed))
       rows.append(row)
-      stored.add((dataset, path, seed))
+      stored.add(_path_key(row))
       whole = all((d, p, seed) in stored for d, p, _ in cases)
       # Saved as each path ends, as --converge saves each job: a command
       # stopped for time or by a failure loses only the path it was in.
