@@ -365,6 +365,36 @@ class DecayedShareTest(tf.test.TestCase):
         summary, [("gba", -0.0014, -0.0005, 0.0005, True),
                   ("async", -0.0019, -0.0010, -0.0002, False)])
 
+  def test_two_synthetic_stragglers_among_8_at_their_spec(self):
+    # README "Two stragglers among 8 workers at their spec"
+    # (--step_ms=200): the six healthy workers pushed 36,909-36,913 in all,
+    # about 6,152 each; worker 1 2,057-2,061 and worker 3 1,030-1,031, e.g.
+    # seed 0: 36,911 / 6 / 2,059 = 2.99 and / 1,030 = 5.97, over 0.8 x 3 =
+    # 2.4 and 0.8 x 6 = 4.8: no seed milder than the spec. GBA decayed
+    # 1,624, 1,624, 1,619, 1,625, 1,634 of 40,000 (4.05-4.09%) and dropped
+    # none. GBA - healthy sync per seed -0.0002, +0.0009, -0.0015,
+    # -0.0009, +0.0003: mean -0.0003, sd 0.00094, t(4) = 2.776, half-width
+    # 2.776 x 0.00094 / sqrt(5) = 0.0012: [-0.0014, +0.0009], meets the
+    # target. Async -0.3602, -0.3611, -0.0038, -0.3682, -0.0047 (it
+    # collapsed to AUC 0.50 in seeds 0, 1 and 3): -0.2196 [-0.4637,
+    # +0.0245].
+    summary = _stored_summary("8w_two_stragglers_step_ms_200", "synthetic")
+    gba = summary["gba"]
+    self.assertEqual(
+        [(round(s["1"], 2), round(s["3"], 2))
+         for s in gba["measured_slowdowns"]],
+        [(2.99, 5.97)] * 3 + [(2.98, 5.97), (2.99, 5.97)])
+    self.assertEqual([round(s * 40000) for s in gba["decayed_or_dropped"]],
+                     [1624, 1624, 1619, 1625, 1634])
+    self.assertEqual(gba["unlike_seeds"], [])
+    table = benchmark.converge_table(list(summary.values())).splitlines()
+    self.assertIn("slowdown measured by pushes: synthetic two_stragglers "
+                  "gba: worker 1 3.0-3.0 (spec 3), worker 3 6.0-6.0 (spec 6)",
+                  table)
+    self._assert_against_healthy_sync(
+        summary, [("gba", -0.0014, -0.0003, 0.0009, True),
+                  ("async", -0.4637, -0.2196, 0.0245, False)])
+
   def _assert_against_healthy_sync(self, summary, expected):
     """`expected`: (mode, low, mean, high, meets_target) per mode, the
     paired AUC difference over 5 seeds rounded to 4 places."""
