@@ -323,18 +323,11 @@ class DecayedShareTest(tf.test.TestCase):
     # (6.5-6.9%: one job, no unlike seed). The README's figures: GBA -
     # healthy sync -0.0002 [-0.0010, +0.0006] (meets the target); async -
     # healthy sync -0.0012 [-0.0022, -0.0001] (below its lower bound).
-    summary = _stored_summary("step_ms_50", "synthetic")
-    gba = summary["gba"]
-    self.assertEqual([round(s["1"], 2) for s in gba["measured_slowdowns"]],
-                     [3.95, 3.94, 3.95, 3.94, 3.94])
-    self.assertEqual([round(s * 20000) for s in gba["decayed_or_dropped"]],
-                     [1389, 1364, 1346, 1332, 1305])
-    self.assertEqual(gba["unlike_seeds"], [])
-    table = benchmark.converge_table(list(summary.values())).splitlines()
-    self.assertIn("slowdown measured by pushes: synthetic straggler gba: "
-                  "worker 1 3.9-3.9 (spec 4)", table)
-    self._assert_against_healthy_sync(
-        summary, [("gba", -0.0010, -0.0002, 0.0006, True),
+    self._assert_synthetic_job_at_spec(
+        "step_ms_50", [(3.95,), (3.94,), (3.95,), (3.94,), (3.94,)],
+        decayed=[1389, 1364, 1346, 1332, 1305], of=20000,
+        slowdown_line="synthetic straggler gba: worker 1 3.9-3.9 (spec 4)",
+        expected=[("gba", -0.0010, -0.0002, 0.0006, True),
                   ("async", -0.0022, -0.0012, -0.0001, False)])
 
   def test_two_synthetic_stragglers_at_their_spec(self):
@@ -348,21 +341,13 @@ class DecayedShareTest(tf.test.TestCase):
     # -0.0004, +0.0007, mean -0.0005, sd 0.0008, t(4) = 2.776: [-0.0014,
     # +0.0005], meets the target; async -0.0009, -0.0004, -0.0021,
     # -0.0012, -0.0005: -0.0010 [-0.0019, -0.0002], below in all 5.
-    summary = _stored_summary("two_stragglers_step_ms_50", "synthetic")
-    gba = summary["gba"]
-    self.assertEqual(
-        [(round(s["1"], 2), round(s["3"], 2))
-         for s in gba["measured_slowdowns"]],
-        [(2.98, 5.93), (2.97, 5.9), (2.97, 5.92), (2.97, 5.92), (2.96, 5.9)])
-    self.assertEqual([round(s * 20000) for s in gba["decayed_or_dropped"]],
-                     [1329, 1331, 1330, 1331, 1335])
-    self.assertEqual(gba["unlike_seeds"], [])
-    table = benchmark.converge_table(list(summary.values())).splitlines()
-    self.assertIn("slowdown measured by pushes: synthetic two_stragglers "
-                  "gba: worker 1 3.0-3.0 (spec 3), worker 3 5.9-5.9 (spec 6)",
-                  table)
-    self._assert_against_healthy_sync(
-        summary, [("gba", -0.0014, -0.0005, 0.0005, True),
+    self._assert_synthetic_job_at_spec(
+        "two_stragglers_step_ms_50",
+        [(2.98, 5.93), (2.97, 5.9), (2.97, 5.92), (2.97, 5.92), (2.96, 5.9)],
+        decayed=[1329, 1331, 1330, 1331, 1335], of=20000,
+        slowdown_line="synthetic two_stragglers gba: worker 1 3.0-3.0 "
+                      "(spec 3), worker 3 5.9-5.9 (spec 6)",
+        expected=[("gba", -0.0014, -0.0005, 0.0005, True),
                   ("async", -0.0019, -0.0010, -0.0002, False)])
 
   def test_two_synthetic_stragglers_among_8_at_their_spec(self):
@@ -378,22 +363,32 @@ class DecayedShareTest(tf.test.TestCase):
     # target. Async -0.3602, -0.3611, -0.0038, -0.3682, -0.0047 (it
     # collapsed to AUC 0.50 in seeds 0, 1 and 3): -0.2196 [-0.4637,
     # +0.0245].
-    summary = _stored_summary("8w_two_stragglers_step_ms_200", "synthetic")
+    self._assert_synthetic_job_at_spec(
+        "8w_two_stragglers_step_ms_200",
+        [(2.99, 5.97)] * 3 + [(2.98, 5.97), (2.99, 5.97)],
+        decayed=[1624, 1624, 1619, 1625, 1634], of=40000,
+        slowdown_line="synthetic two_stragglers gba: worker 1 3.0-3.0 "
+                      "(spec 3), worker 3 6.0-6.0 (spec 6)",
+        expected=[("gba", -0.0014, -0.0003, 0.0009, True),
+                  ("async", -0.4637, -0.2196, 0.0245, False)])
+
+  def _assert_synthetic_job_at_spec(self, stem, slowdowns, decayed, of,
+                                    slowdown_line, expected):
+    """The stored synthetic job `stem`: GBA's per-seed slowdowns measured
+    by pushes (one tuple a seed, by straggler worker, 2 places), the
+    gradients it decayed or dropped of `of` per run, no unlike seed, the
+    table's `slowdown_line`, and `expected` for
+    `_assert_against_healthy_sync`."""
+    summary = _stored_summary(stem, "synthetic")
     gba = summary["gba"]
-    self.assertEqual(
-        [(round(s["1"], 2), round(s["3"], 2))
-         for s in gba["measured_slowdowns"]],
-        [(2.99, 5.97)] * 3 + [(2.98, 5.97), (2.99, 5.97)])
-    self.assertEqual([round(s * 40000) for s in gba["decayed_or_dropped"]],
-                     [1624, 1624, 1619, 1625, 1634])
+    self.assertEqual([tuple(round(s[w], 2) for w in sorted(s))
+                      for s in gba["measured_slowdowns"]], slowdowns)
+    self.assertEqual([round(s * of) for s in gba["decayed_or_dropped"]],
+                     decayed)
     self.assertEqual(gba["unlike_seeds"], [])
     table = benchmark.converge_table(list(summary.values())).splitlines()
-    self.assertIn("slowdown measured by pushes: synthetic two_stragglers "
-                  "gba: worker 1 3.0-3.0 (spec 3), worker 3 6.0-6.0 (spec 6)",
-                  table)
-    self._assert_against_healthy_sync(
-        summary, [("gba", -0.0014, -0.0003, 0.0009, True),
-                  ("async", -0.4637, -0.2196, 0.0245, False)])
+    self.assertIn("slowdown measured by pushes: " + slowdown_line, table)
+    self._assert_against_healthy_sync(summary, expected)
 
   def _assert_against_healthy_sync(self, summary, expected):
     """`expected`: (mode, low, mean, high, meets_target) per mode, the
